@@ -1,0 +1,211 @@
+"""Block-by-block calibration: the engine every calibrated method plugs into.
+
+    tokens (n, T) --embed--> inputs of block 0, captured by a forward pre-hook (no module swap)
+    for each decoder block i:
+        move block i to the device
+        method.quantize_block(ctx)      # may call ctx.run() with hooks to collect statistics
+        write the dequantized weights into the block's linears (so what follows sees them)
+        run block i again on its inputs -> inputs of block i+1
+        move block i back
+
+Memory on the device stays near one block plus the calibration activations ``n x T x hidden``.
+The keyword arguments each block receives (rotary embeddings, attention masks, which differ per
+layer type in e.g. Gemma 3) are recorded once by pre-hooks during one full forward of the first
+sample, onloading one block at a time; every sample has the same length and no padding, so they
+hold for every sample.
+
+Hook points for methods (:class:`BlockContext`): ``ctx.run(keep_outputs)`` runs the block over
+all calibration inputs; :func:`collect` registers observers on the inputs of the block's linears
+for one such run (GPTQ Hessians, AWQ activation magnitudes, imatrix ``E[x^2]``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from lowbit.core.errors import LowbitError
+from lowbit.core.qweight import QuantizedWeight
+from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once block 0's input is recorded."""
+
+
+class Observer(Protocol):
+    def update(self, x: torch.Tensor) -> None:
+        """Take a batch of inputs ``x (..., in)`` of one linear."""
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of one block; ``linears`` are in execution order."""
+
+    index: int
+    block: nn.Module
+    linears: dict[str, nn.Linear]
+    spec: ArchSpec
+    device: torch.device
+    inputs: list[torch.Tensor]
+    kwargs: dict[str, Any]
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @torch.inference_mode()
+    def run(self, keep_outputs: bool = False) -> None:
+        """Run the block over every calibration input (hooks registered on it see each call)."""
+        outs = []
+        for x in self.inputs:
+            y = self.block(x.to(self.device), **self.kwargs)
+            y = y[0] if isinstance(y, tuple) else y
+            if keep_outputs:
+                outs.append(y.to(x.device))
+        if keep_outputs:
+            self.outputs = outs
+
+
+class BlockMethod(Protocol):
+    """A quantization method at block granularity."""
+
+    needs_calibration: bool
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        """Quantize every linear of ``ctx.linears`` (names within the block)."""
+
+
+def collect(ctx: BlockContext, make: Callable[[str, nn.Linear], Observer],
+            names: list[str] | None = None) -> dict[str, Observer]:
+    """One run of the block with an observer on the input of each named linear."""
+    obs = {n: make(n, ctx.linears[n]) for n in (names or list(ctx.linears))}
+    handles = [
+        ctx.linears[n].register_forward_pre_hook(lambda m, args, o=o: o.update(args[0]))
+        for n, o in obs.items()
+    ]
+    try:
+        ctx.run()
+    finally:
+        for h in handles:
+            h.remove()
+    return obs
+
+
+@contextmanager
+def _onload(module: nn.Module, device: torch.device) -> Iterator[None]:
+    if device.type == "cpu":
+        yield
+        return
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
+
+
+def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not name.startswith(prefix + "."):
+            t.data = t.data.to(device)
+
+
+@torch.inference_mode()
+def capture_inputs(model: nn.Module, tokens: torch.Tensor, spec: ArchSpec, device: torch.device,
+                   ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs of block 0 for every sample ``tokens (n, T)``, and the kwargs of every block."""
+    blocks = get_blocks(model, spec)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = [{} for _ in blocks]
+    probing = True
+
+    def pre(i: int) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
+            if i == 0:
+                hidden.append(args[0] if args else kw["hidden_states"])
+            if probing:
+                kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+                if device.type != "cpu":
+                    mod.to(device)
+                return
+            raise _StopForward
+        return hook
+
+    def post(mod: nn.Module, args: tuple, out: Any) -> None:
+        if probing and device.type != "cpu":
+            mod.to("cpu")
+
+    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(post) for b in blocks]
+    _move_outside_blocks(model, spec.blocks, device)
+    try:
+        for s in range(tokens.shape[0]):
+            try:
+                model(tokens[s : s + 1].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            probing = False
+    finally:
+        for h in handles:
+            h.remove()
+        _move_outside_blocks(model, spec.blocks, torch.device("cpu"))
+    for kw in kwargs:
+        kw.pop("past_key_values", None)
+        kw.pop("past_key_value", None)
+        kw["use_cache"] = False
+    return hidden, kwargs
+
+
+def _check_finite(name: str, w: torch.Tensor) -> None:
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise LowbitError(f"{name}.weight has {bad} NaN/Inf values: the checkpoint is corrupt or was "
+                          "saved after a diverged run; re-download or re-export it before quantizing")
+
+
+def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | None = None,
+                  device: str | torch.device = "cpu", progress: bool = True) -> dict[str, QuantizedWeight]:
+    """Quantize every linear of every decoder block of ``model``; returns ``{full name: QuantizedWeight}``.
+
+    The model's linears are left holding the dequantized weights (a fake-quantized model);
+    the result lives on the CPU.
+    """
+    spec = get_arch(model)
+    dev = torch.device(device)
+    blocks = get_blocks(model, spec)
+    for i, block in enumerate(blocks):
+        for n, lin in block_linears(block, spec, i).items():
+            _check_finite(f"{spec.blocks}.{i}.{n}", lin.weight)
+    calibrated = method.needs_calibration
+    if calibrated:
+        if tokens is None or tokens.numel() == 0:
+            raise LowbitError("this method needs calibration tokens; pass --calib (e.g. c4 or a text file)")
+        hidden, kwargs = capture_inputs(model, tokens, spec, dev)
+    else:
+        hidden, kwargs = [], [{} for _ in blocks]
+    result: dict[str, QuantizedWeight] = {}
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"quantizing {len(blocks)} blocks", total=len(blocks))
+        for i, block in enumerate(blocks):
+            with _onload(block, dev):
+                ctx = BlockContext(i, block, block_linears(block, spec, i), spec, dev, hidden, kwargs[i])
+                qws = method.quantize_block(ctx)
+                missing = set(ctx.linears) - set(qws)
+                if missing:
+                    raise LowbitError(f"block {i}: method returned no weight for {sorted(missing)}")
+                for n, qw in qws.items():
+                    lin = ctx.linears[n]
+                    lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
+                    result[f"{spec.blocks}.{i}.{n}"] = qw.to("cpu")
+                if calibrated:
+                    ctx.run(keep_outputs=True)
+                    hidden = ctx.outputs
+            bar.advance(task)
+            log.debug("block %d quantized", i)
+    return result

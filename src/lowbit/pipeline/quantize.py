@@ -1,0 +1,107 @@
+"""Model-level quantization: the block methods of RTN and importance-weighted RTN, and one entry
+point that runs any of them through the block-by-block engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.core.errors import SchemeError
+from lowbit.core.qweight import QuantizedWeight
+from lowbit.core.scheme import QuantScheme
+from lowbit.methods.rtn import quantize_rtn
+from lowbit.models.archs import block_linears, get_arch, get_blocks
+from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect, run_blockwise
+
+log = logging.getLogger(__name__)
+
+
+class SquareMeanObserver:
+    """Accumulates ``E[x_j^2]`` over every token of the inputs ``x (..., in)`` (float64 sums)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.sum = torch.zeros(in_features, dtype=torch.float64)
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.sum += x.square().sum(0).to(device="cpu", dtype=torch.float64)
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.count, 1)).to(torch.float32)
+
+
+@dataclass
+class RTNMethod:
+    """Round-to-nearest, optionally with the clipping search (no calibration)."""
+
+    scheme: QuantScheme
+    search: bool = False
+    scale_dtype: torch.dtype = torch.bfloat16
+    needs_calibration: bool = False
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        return {n: quantize_rtn(lin.weight, self.scheme, search=self.search, scale_dtype=self.scale_dtype)
+                for n, lin in ctx.linears.items()}
+
+
+@dataclass
+class ImatrixRTNMethod:
+    """RTN whose clipping search weights each input channel by ``E[x^2]`` (llama.cpp imatrix idea).
+
+    The statistics of a block are collected on its inputs as produced by the already-quantized
+    blocks before it. ``importance`` keeps them (``{full name: (in,)}``) for reports and reuse.
+    """
+
+    scheme: QuantScheme
+    scale_dtype: torch.dtype = torch.bfloat16
+    needs_calibration: bool = True
+    importance: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        obs = collect(ctx, lambda n, lin: SquareMeanObserver(lin.in_features))
+        out = {}
+        for n, lin in ctx.linears.items():
+            imp = obs[n].mean()  # type: ignore[attr-defined]
+            self.importance[f"{ctx.spec.blocks}.{ctx.index}.{n}"] = imp
+            out[n] = quantize_rtn(lin.weight, self.scheme, importance=imp.to(lin.weight.device),
+                                  scale_dtype=self.scale_dtype)
+        return out
+
+
+METHODS = ("rtn", "imatrix-rtn")
+
+
+def make_method(name: str, scheme: QuantScheme, *, search: bool = False,
+                scale_dtype: torch.dtype = torch.bfloat16) -> BlockMethod:
+    if name == "rtn":
+        return RTNMethod(scheme, search=search, scale_dtype=scale_dtype)
+    if name == "imatrix-rtn":
+        return ImatrixRTNMethod(scheme, scale_dtype=scale_dtype)
+    raise SchemeError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
+
+
+def check_group_size(model: nn.Module, scheme: QuantScheme, names: list[tuple[str, nn.Linear]]) -> None:
+    """Refuse, before any work, a group size that does not divide some linear's input dimension."""
+    for name, lin in names:
+        try:
+            scheme.n_groups(lin.in_features)
+        except SchemeError as e:
+            raise SchemeError(f"{name}: {e}") from None
+
+
+def quantize_model(model: nn.Module, scheme: QuantScheme, method: str = "rtn", *,
+                   tokens: torch.Tensor | None = None, search: bool = False, device: str = "cpu",
+                   scale_dtype: torch.dtype = torch.bfloat16, progress: bool = True
+                   ) -> dict[str, QuantizedWeight]:
+    """Quantize the decoder linears of ``model`` in place (fake-quant) and return their packed form."""
+    spec = get_arch(model)
+    named = [(f"{spec.blocks}.{i}.{n}", lin) for i, b in enumerate(get_blocks(model, spec))
+             for n, lin in block_linears(b, spec, i).items()]
+    check_group_size(model, scheme, named)
+    m = make_method(method, scheme, search=search, scale_dtype=scale_dtype)
+    return run_blockwise(model, m, tokens, device=device, progress=progress)
