@@ -20,13 +20,8 @@ from lowbit.core.errors import LowbitError
 from lowbit.core.io import write_json_atomic
 from lowbit.core.scheme import PRESETS, get_scheme
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
-
-
-def _group_size(text: str) -> int | None:
-    v = int(text)
-    return None if v in (-1, 0) else v
+console = Console(stderr=False, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a compressed-tensors folder")
     q.add_argument("model", help="offline source name, model folder, .gguf file or hub id")
     q.add_argument("--scheme", required=True, help=f"one of {', '.join(PRESETS)}")
-    q.add_argument("--group-size", type=_group_size, default="preset",
+    q.add_argument("--group-size", type=int, default=None,
                    help="group size; -1 for per-channel (default: the preset's)")
     q.add_argument("--method", default="rtn", choices=["rtn", "imatrix-rtn"])
     q.add_argument("--mse", action="store_true", help="RTN: search the clipping range (MSE)")
@@ -105,7 +100,7 @@ def cmd_run(a: argparse.Namespace) -> None:
 def cmd_quantize(a: argparse.Namespace) -> None:
     from lowbit.jobs import DTYPES, quantize
 
-    kw = {} if a.group_size == "preset" else {"group_size": a.group_size}
+    kw = {} if a.group_size is None else {"group_size": a.group_size}
     scheme = get_scheme(a.scheme, **kw)
     res = quantize(a.model, scheme, a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
                    calib_len=a.calib_len, search=a.mse, dtype=DTYPES[a.dtype] if a.dtype else None,

@@ -109,14 +109,15 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
     sd = model.state_dict()
     skip = {f"{n}.{k}" for n in qweights for k in ("weight", "weight_packed", "weight_scale",
                                                     "weight_zero", "weight_g_idx")}
-    if getattr(model.config, "tie_word_embeddings", False):
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         skip.add("lm_head.weight")
     for k, v in sd.items():
         if k not in skip:
             tensors[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
     for n, qw in qweights.items():
         tensors.update(pack_tensors(n, qw, dtype))
-    config = model.config.to_dict()
+    model_config: Any = model.config
+    config = model_config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     config["quantization_config"] = quantization_config(scheme, ignore, act_order)
