@@ -47,11 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", required=True, help=f"one of {', '.join(PRESETS)}")
     q.add_argument("--group-size", type=int, default=None,
                    help="group size; -1 for per-channel (default: the preset's)")
-    q.add_argument("--method", default="rtn", choices=["rtn", "imatrix-rtn"])
-    q.add_argument("--mse", action="store_true", help="RTN: search the clipping range (MSE)")
-    q.add_argument("--calib", default=None, help="calibration: c4 | c4:PATH | python-docs | PATH")
+    q.add_argument("--method", default="rtn", choices=["rtn", "imatrix-rtn", "gptq"])
+    q.add_argument("--mse", action="store_true", help="search the clipping range of each group (MSE)")
+    q.add_argument("--calib", default=None, help="calibration: c4 | c4:PATH | python-docs | PATH (default c4)")
     q.add_argument("--calib-samples", type=int, default=128)
-    q.add_argument("--calib-len", type=int, default=512)
+    q.add_argument("--calib-len", type=int, default=None, help="tokens per sample (default: 2048 gptq, 512 else)")
+    g = q.add_argument_group("GPTQ")
+    g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--dynamic-groups", action="store_true",
+                   help="with --act-order: groups follow the permuted order (stores g_idx; older loaders only)")
+    g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean Hessian diagonal")
+    g.add_argument("--block-size", type=int, default=128, help="lazy-update block size")
+    g.add_argument("--no-true-sequential", action="store_true", help="one Hessian pass per block")
+    g.add_argument("--hessians-on-cpu", action="store_true", help="keep Hessians in CPU memory")
     q.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="dtype of scales and unquantized tensors (default: the model's, bf16 for GGUF input)")
     q.add_argument("--device", default="cpu", help="device for calibration: cpu, cuda, cuda:1 ...")
@@ -102,9 +110,15 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
     kw = {} if a.group_size is None else {"group_size": a.group_size}
     scheme = get_scheme(a.scheme, **kw)
+    from lowbit.methods.gptq import GPTQConfig
+
+    gptq = GPTQConfig(damp=a.damp, block_size=a.block_size, act_order=a.act_order,
+                      static_groups=not a.dynamic_groups, search=a.mse)
+    calib_len = a.calib_len or (2048 if a.method == "gptq" else 512)
     res = quantize(a.model, scheme, a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
-                   calib_len=a.calib_len, search=a.mse, dtype=DTYPES[a.dtype] if a.dtype else None,
-                   device=a.device, force=a.force, seed=a.seed, progress=not a.no_progress)
+                   calib_len=calib_len, search=a.mse, dtype=DTYPES[a.dtype] if a.dtype else None,
+                   device=a.device, force=a.force, seed=a.seed, progress=not a.no_progress, gptq=gptq,
+                   true_sequential=not a.no_true_sequential, hessians_on_cpu=a.hessians_on_cpu)
     console.print(f"wrote {res.path}: {res.n_linears} linears {scheme.label} by {res.method} in {res.seconds:.1f} s, "
                   f"{res.bits_per_weight:.3f} bits/weight, {res.size_bytes / 1e6:.1f} MB; "
                   f"kept in 16-bit: {', '.join(res.kept) or 'none'}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.data import calibration_tokens, default_eval_corpus, resolve_calib_texts, resolve_eval_text
 from lowbit.eval import EvalResult, adds_bos, evaluate, tokenize_corpus
 from lowbit.formats.compressed_tensors import RECIPE_FILE, load_quantized, save_quantized
+from lowbit.methods.gptq import GPTQConfig
 from lowbit.models.loader import LoadedModel, load_model, model_size_bytes
-from lowbit.pipeline.quantize import METHODS, quantize_model
+from lowbit.pipeline.gptq import GPTQMethod
+from lowbit.pipeline.quantize import METHODS, make_method, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +68,43 @@ def default_calib() -> str:
 def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, method: str = "rtn",
                     calib: str | None = None, calib_samples: int = 128, calib_len: int = 512,
                     search: bool = False, dtype: torch.dtype | None = None, device: str = "cpu",
-                    force: bool = False, seed: int = 0, progress: bool = True) -> QuantizeResult:
+                    force: bool = False, seed: int = 0, progress: bool = True,
+                    gptq: GPTQConfig | None = None, true_sequential: bool = True,
+                    hessians_on_cpu: bool = False) -> QuantizeResult:
     """Quantize an already loaded model (modified in place) and write the artifact to ``out``."""
     if method not in METHODS:
         raise LowbitError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     store = dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
+    gptq = gptq or GPTQConfig(search=search)
+    block_method = make_method(method, scheme, search=search, scale_dtype=store, gptq=gptq,
+                               true_sequential=true_sequential, hessians_on_cpu=hessians_on_cpu)
     tokens = None
     calib_info: dict[str, Any] = {}
-    if method == "imatrix-rtn":
+    if block_method.needs_calibration:
         calib = calib or default_calib()
         texts = resolve_calib_texts(calib)
         tokens = calibration_tokens(lm.tokenizer, texts, calib_samples, calib_len, seed=seed)
         calib_info = {"calib": calib, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed}
     t0 = time.perf_counter()
-    qweights = quantize_model(lm.model, scheme, method, tokens=tokens, search=search, device=device,
-                              scale_dtype=store, progress=progress)
+    qweights = quantize_model(lm.model, scheme, block_method, tokens=tokens, device=device, progress=progress)
     seconds = time.perf_counter() - t0
     recipe = {"lowbit_version": __version__, "method": method, "search": search or method == "imatrix-rtn",
               "source_model": str(lm.path), "storage_dtype": str(store).removeprefix("torch."),
               "quantize_seconds": round(seconds, 2), **calib_info}
+    actorder = None
+    if isinstance(block_method, GPTQMethod):
+        recipe["gptq"] = {**asdict(gptq), "true_sequential": true_sequential}
+        recipe["gptq_layer_loss"] = {n: st.loss for n, st in block_method.stats.items()}
+        raised = {n: st.damp for n, st in block_method.stats.items() if st.damp != gptq.damp}
+        if raised:
+            recipe["gptq_damp_raised"] = raised
+        losses = [st.loss for st in block_method.stats.values()]
+        log.info("GPTQ: %d layers, loss mean %.4g, max %.4g; damp raised on %d", len(losses),
+                 sum(losses) / len(losses), max(losses), len(raised))
+        if gptq.act_order:
+            actorder = "weight" if gptq.static_groups else "group"
     path = save_quantized(lm.model, qweights, out, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
-                          overwrite=force)
+                          overwrite=force, actorder=actorder)
     kept = sorted(n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in qweights)
     return QuantizeResult(path, scheme, method, seconds, model_size_bytes(path), bits_per_weight(qweights),
                           len(qweights), kept)

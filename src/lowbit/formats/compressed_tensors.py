@@ -41,12 +41,16 @@ RECIPE_FILE = "lowbit_recipe.json"
 SHARD_BYTES = 4 * 2**30
 
 
-def quantization_config(scheme: QuantScheme, ignore: list[str], act_order: bool = False) -> dict[str, Any]:
-    """The ``quantization_config`` block of config.json for ``scheme``."""
+def quantization_config(scheme: QuantScheme, ignore: list[str], actorder: str | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` block of config.json for ``scheme``.
+
+    ``actorder``: ``"group"`` when layers carry ``weight_g_idx``, ``"weight"`` for act-order with
+    static groups (plain group layout), ``None`` otherwise.
+    """
     weights = {
         "num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
         "group_size": scheme.group_size, "strategy": scheme.strategy, "block_structure": None,
-        "dynamic": False, "actorder": "group" if act_order else None, "observer": "minmax",
+        "dynamic": False, "actorder": actorder, "observer": "minmax",
         "observer_kwargs": {},
     }
     return {
@@ -88,7 +92,8 @@ def unpack_tensors(name: str, t: dict[str, torch.Tensor], scheme: QuantScheme) -
 
 def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: str | Path, *,
                    tokenizer: Any = None, recipe: dict[str, Any] | None = None,
-                   dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> Path:
+                   dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
+                   actorder: str | None = None) -> Path:
     """Write ``model`` with ``qweights`` (``{linear name: QuantizedWeight}``) as a compressed-tensors folder.
 
     Every other floating-point tensor is stored in ``dtype``; the folder appears atomically.
@@ -99,7 +104,8 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
     if len(schemes) != 1:
         raise FormatError(f"one scheme per checkpoint is supported, got {len(schemes)}")
     scheme = next(iter(schemes))
-    act_order = any(qw.g_idx is not None for qw in qweights.values())
+    if any(qw.g_idx is not None for qw in qweights.values()):
+        actorder = "group"
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | QuantLinear)}
     missing = set(qweights) - linears
     if missing:
@@ -120,7 +126,7 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
     config = model_config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
-    config["quantization_config"] = quantization_config(scheme, ignore, act_order)
+    config["quantization_config"] = quantization_config(scheme, ignore, actorder)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         _write_shards(tensors, tmp)
         write_json_atomic(tmp / "config.json", config)

@@ -72,6 +72,51 @@ def _err(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return (a * (scale * (q - zero) - w).square()).sum(-1, keepdim=True)
 
 
+def fit_groups(
+    w: torch.Tensor,
+    scheme: QuantScheme,
+    a: torch.Tensor | None = None,
+    *,
+    search: bool = False,
+    grid: int = 40,
+    max_shrink: float = 0.5,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale, zero point ``(out, G, 1)`` and codes ``(out, G, gs)`` of the groups ``w (out, G, gs)``.
+
+    ``a`` (broadcastable to ``w``) weights the error of the clipping search; ``None`` is all ones.
+    Scales come back as float32 holding values exactly representable in ``scale_dtype``.
+    """
+    qmax = scheme.qmax
+    if a is None:
+        a = torch.ones(1, *w.shape[1:], device=w.device)
+    scale, zero = _params(w, scheme, 1.0, scale_dtype)
+    q = _codes(w, scale, zero, qmax)
+    if not search:
+        return scale, zero, q
+    best = _err(w, q, scale, zero, a)
+    for k in range(1, grid + 1):
+        s2, z2 = _params(w, scheme, 1.0 - max_shrink * k / grid, scale_dtype)
+        q2 = _codes(w, s2, z2, qmax)
+        e2 = _err(w, q2, s2, z2, a)
+        better = e2 < best
+        best = torch.where(better, e2, best)
+        scale, zero = torch.where(better, s2, scale), torch.where(better, z2, zero)
+        q = torch.where(better, q2, q)
+    for _ in range(2):  # weighted least-squares refit of the scale for the chosen codes
+        d = q - zero
+        num = (a * d * w).sum(-1, keepdim=True)
+        den = (a * d * d).sum(-1, keepdim=True)
+        s2 = torch.where((den > 0) & (num > 0), num / den.clamp(min=1e-30), scale)
+        s2 = s2.to(scale_dtype).float()
+        q2 = _codes(w, s2, zero, qmax)
+        e2 = _err(w, q2, s2, zero, a)
+        better = e2 < best
+        best = torch.where(better, e2, best)
+        scale, q = torch.where(better, s2, scale), torch.where(better, q2, q)
+    return scale, zero, q
+
+
 def quantize_rtn(
     weight: torch.Tensor,
     scheme: QuantScheme,
@@ -86,8 +131,8 @@ def quantize_rtn(
 
     Args:
         importance: ``(in,)`` non-negative weight of each input channel (e.g. ``E[x^2]``); implies
-            nothing by itself, it weights the error of the clipping search.
-        search: run the clipping search and least-squares scale refit (always on with importance).
+            ``search``, and weights its error.
+        search: run the clipping search and least-squares scale refit.
         grid, max_shrink: the search tries ``p = 1 - max_shrink * k / grid`` for ``k = 0..grid``.
         scale_dtype: the dtype scales are stored in; codes are computed against the rounded scales
             so that what is stored reproduces exactly what was searched.
@@ -100,7 +145,7 @@ def quantize_rtn(
     groups = scheme.n_groups(inp)
     gs = inp // groups
     w = weight.detach().to(torch.float32).reshape(out, groups, gs)
-    qmax = scheme.qmax
+    a = None
     if importance is not None:
         if importance.shape != (inp,):
             raise ValueError(f"importance must have shape ({inp},), got {tuple(importance.shape)}")
@@ -108,32 +153,8 @@ def quantize_rtn(
         a = a / a.mean().clamp(min=1e-30) + 1e-6  # scale-free, and no channel exactly ignored
         a = a.reshape(1, groups, gs)
         search = True
-    else:
-        a = torch.ones(1, groups, gs, device=w.device)
-
-    scale, zero = _params(w, scheme, 1.0, scale_dtype)
-    q = _codes(w, scale, zero, qmax)
-    if search:
-        best = _err(w, q, scale, zero, a)
-        for k in range(1, grid + 1):
-            s2, z2 = _params(w, scheme, 1.0 - max_shrink * k / grid, scale_dtype)
-            q2 = _codes(w, s2, z2, qmax)
-            e2 = _err(w, q2, s2, z2, a)
-            better = e2 < best
-            best = torch.where(better, e2, best)
-            scale, zero = torch.where(better, s2, scale), torch.where(better, z2, zero)
-            q = torch.where(better, q2, q)
-        for _ in range(2):  # weighted least-squares refit of the scale for the chosen codes
-            d = q - zero
-            num = (a * d * w).sum(-1, keepdim=True)
-            den = (a * d * d).sum(-1, keepdim=True)
-            s2 = torch.where((den > 0) & (num > 0), num / den.clamp(min=1e-30), scale)
-            s2 = s2.to(scale_dtype).float()
-            q2 = _codes(w, s2, zero, qmax)
-            e2 = _err(w, q2, s2, zero, a)
-            better = e2 < best
-            best = torch.where(better, e2, best)
-            scale, q = torch.where(better, s2, scale), torch.where(better, q2, q)
+    scale, zero, q = fit_groups(w, scheme, a, search=search, grid=grid, max_shrink=max_shrink,
+                                scale_dtype=scale_dtype)
     return QuantizedWeight(
         codes=q.reshape(out, inp).to(torch.uint8),
         scales=scale.reshape(out, groups).to(scale_dtype),

@@ -12,9 +12,11 @@ from torch import nn
 from lowbit.core.errors import SchemeError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
+from lowbit.methods.gptq import GPTQConfig
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.models.archs import block_linears, get_arch, get_blocks
 from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect, run_blockwise
+from lowbit.pipeline.gptq import GPTQMethod
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +78,20 @@ class ImatrixRTNMethod:
         return out
 
 
-METHODS = ("rtn", "imatrix-rtn")
+METHODS = ("rtn", "imatrix-rtn", "gptq")
 
 
 def make_method(name: str, scheme: QuantScheme, *, search: bool = False,
-                scale_dtype: torch.dtype = torch.bfloat16) -> BlockMethod:
+                scale_dtype: torch.dtype = torch.bfloat16, gptq: GPTQConfig | None = None,
+                true_sequential: bool = True, hessians_on_cpu: bool = False) -> BlockMethod:
     if name == "rtn":
         return RTNMethod(scheme, search=search, scale_dtype=scale_dtype)
     if name == "imatrix-rtn":
         return ImatrixRTNMethod(scheme, scale_dtype=scale_dtype)
+    if name == "gptq":
+        cfg = gptq or GPTQConfig(search=search)
+        return GPTQMethod(scheme, cfg, true_sequential=true_sequential, hessians_on_cpu=hessians_on_cpu,
+                          scale_dtype=scale_dtype)
     raise SchemeError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
 
 
@@ -97,14 +104,18 @@ def check_group_size(model: nn.Module, scheme: QuantScheme, names: list[tuple[st
             raise SchemeError(f"{name}: {e}") from None
 
 
-def quantize_model(model: nn.Module, scheme: QuantScheme, method: str = "rtn", *,
+def quantize_model(model: nn.Module, scheme: QuantScheme, method: str | BlockMethod = "rtn", *,
                    tokens: torch.Tensor | None = None, search: bool = False, device: str = "cpu",
                    scale_dtype: torch.dtype = torch.bfloat16, progress: bool = True
                    ) -> dict[str, QuantizedWeight]:
-    """Quantize the decoder linears of ``model`` in place (fake-quant) and return their packed form."""
+    """Quantize the decoder linears of ``model`` in place (fake-quant) and return their packed form.
+
+    ``method`` is a name of :data:`METHODS` or a ready :class:`BlockMethod` (e.g. a configured
+    :class:`~lowbit.pipeline.gptq.GPTQMethod`).
+    """
     spec = get_arch(model)
     named = [(f"{spec.blocks}.{i}.{n}", lin) for i, b in enumerate(get_blocks(model, spec))
              for n, lin in block_linears(b, spec, i).items()]
     check_group_size(model, scheme, named)
-    m = make_method(method, scheme, search=search, scale_dtype=scale_dtype)
+    m = make_method(method, scheme, search=search, scale_dtype=scale_dtype) if isinstance(method, str) else method
     return run_blockwise(model, m, tokens, device=device, progress=progress)

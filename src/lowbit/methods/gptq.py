@@ -1,0 +1,160 @@
+"""GPTQ: one-shot weight quantization with second-order error compensation.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (ICLR 2023). For a linear layer ``y = x W^T`` with ``W (out, in)`` and
+calibration inputs ``X (n, in)``, GPTQ minimises ``||X W^T - X W_hat^T||^2`` row by row, whose
+Hessian is ``H = 2 X^T X (in, in)``. Columns are quantized one at a time; after column ``j`` the
+error is spread over the columns not yet quantized (Optimal Brain Quantization)::
+
+    q_j    = quant(w_j)                          (round to nearest on the group's grid)
+    e_j    = (w_j - q_j) / [H^-1]_jj
+    w_k   -= e_j [H^-1]_jk        for k > j     (rows of the upper Cholesky factor of H^-1)
+
+Implementation as in the reference code: ``H^-1`` is taken through the Cholesky factorisation
+``H^-1 = U^T U`` (upper ``U``, whose row ``j`` restricted to ``k >= j`` is exactly the update
+above), and updates are applied lazily in blocks of ``block_size`` columns (one rank-B update of
+the remaining columns per block). ``H`` is damped by ``damp * mean(diag H)`` on its diagonal;
+when the factorisation fails the damping is multiplied by 10 and retried (reported). Columns that
+never saw a non-zero input (``H_jj = 0``) are dead: their weights are set to 0 and ``H_jj = 1``.
+
+Options: ``act_order`` quantizes columns in order of decreasing ``H_jj``. With ``static_groups``
+(the default) each group's scale is fitted on the original weights of its contiguous columns
+before any update, so the checkpoint keeps the plain group layout (compressed-tensors
+``actorder: weight``); without it groups follow the permuted order and the layer carries a group
+index ``g_idx`` (``actorder: group``). ``search`` fits each group's clipping range by the MSE
+search of :func:`lowbit.methods.rtn.fit_groups`.
+
+Shapes: ``W (out, in)``, ``H (in, in)`` float32, groups along ``in``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.core.errors import SchemeError
+from lowbit.core.qweight import QuantizedWeight
+from lowbit.core.scheme import QuantScheme
+from lowbit.methods.rtn import fit_groups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """Options of GPTQ (defaults follow the reference implementation and llm-compressor)."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = True
+    search: bool = False
+    max_damp_tries: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp < 1:
+            raise SchemeError(f"GPTQ damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise SchemeError(f"GPTQ block size must be >= 1, got {self.block_size}")
+
+
+@dataclass
+class GPTQStats:
+    """What happened to one layer: the summed OBQ error and the damping finally used."""
+
+    loss: float
+    damp: float
+    dead_columns: int
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int, name: str) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1``, raising ``lambda`` until it succeeds."""
+    mean_diag = float(torch.mean(torch.diag(H)))
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    for attempt in range(tries):
+        frac = damp * 10**attempt
+        L, info = torch.linalg.cholesky_ex(H + frac * mean_diag * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                if attempt:
+                    log.warning("%s: Hessian not positive definite at damp %.3g; succeeded with damp %.3g",
+                                name, damp, frac)
+                return U, frac
+    raise SchemeError(f"{name}: the Hessian stays singular up to damp {damp * 10 ** (tries - 1):.3g}; "
+                      "use more (or more varied) calibration samples")
+
+
+def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(),
+                  *, scale_dtype: torch.dtype = torch.float32, name: str = "layer"
+                  ) -> tuple[QuantizedWeight, GPTQStats]:
+    """Quantize ``weight (out, in)`` given the Hessian ``H (in, in)`` of its inputs."""
+    out, cols = weight.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
+    groups = scheme.n_groups(cols)
+    gs = cols // groups
+    W = weight.detach().to(torch.float32).clone()
+    H = H.to(device=W.device, dtype=torch.float32).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static: tuple[torch.Tensor, torch.Tensor] | None = None
+    if scheme.group_size is None or cfg.static_groups:  # fitted once, on the original weights
+        s, z, _ = fit_groups(W.reshape(out, groups, gs), scheme, search=cfg.search, scale_dtype=scale_dtype)
+        static = (s[..., 0], z[..., 0])  # (out, G)
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U, damp = _inverse_cholesky(H, cfg.damp, cfg.max_damp_tries, name)
+
+    codes = torch.zeros_like(W)
+    scales = torch.zeros(out, groups, device=W.device)
+    zeros = torch.zeros(out, groups, device=W.device)
+    col_group = torch.arange(cols, device=W.device) // gs  # group of each original column
+    proc_group = col_group if perm is None else (col_group[perm] if static is not None else col_group)
+    losses = torch.zeros(out, device=W.device)
+    scale = zero = torch.zeros(out, device=W.device)
+    qmax = scheme.qmax
+    bs = cfg.block_size
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = int(proc_group[j])
+            if static is not None:
+                scale, zero = static[0][:, g], static[1][:, g]
+            elif j % gs == 0:  # dynamic group: fit on the current (already updated) columns j .. j+gs
+                cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs].unsqueeze(1)
+                s, z, _ = fit_groups(cur, scheme, search=cfg.search, scale_dtype=scale_dtype)
+                scale, zero = s[:, 0, 0], z[:, 0, 0]
+                scales[:, g], zeros[:, g] = scale, zero
+            w = W1[:, i]
+            d = U1[i, i]
+            q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
+            codes[:, j] = q
+            err = (w - scale * (q - zero)) / d
+            losses += err.square() / 2
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    g_idx = None
+    if static is not None:
+        scales, zeros = static
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        if static is None:
+            g_idx = col_group[inv].to(torch.int32)  # original column c was processed at position inv[c]
+    qw = QuantizedWeight(codes.to(torch.uint8), scales.to(scale_dtype), zeros.to(torch.uint8), scheme, g_idx)
+    stats = GPTQStats(float(losses.sum()), damp, int(dead.sum()))
+    log.debug("%s: GPTQ loss %.4g (damp %.3g, %d dead columns)", name, stats.loss, damp, stats.dead_columns)
+    return qw, stats

@@ -1,0 +1,75 @@
+"""GPTQ in the block-by-block pipeline: Hessians collected by hooks, true-sequential order.
+
+For each group of linears that share an input (from the architecture table, in execution
+order: q/k/v -> o -> gate/up -> down), one run of the block accumulates ``H = 2 X^T X`` of that
+input; every linear of the group is quantized with it and its dequantized weights are written
+back before the next group's run, so each group sees the already-quantized outputs of the
+previous ones. Without ``true_sequential`` one run collects the Hessians of every group.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.core.qweight import QuantizedWeight
+from lowbit.core.scheme import QuantScheme
+from lowbit.methods.gptq import GPTQConfig, GPTQStats, gptq_quantize
+from lowbit.pipeline.blockwise import BlockContext, collect
+
+log = logging.getLogger(__name__)
+
+
+class HessianObserver:
+    """Running ``H = 2/n sum_t x_t x_t^T`` over every token ``x_t (in,)`` seen, in float32.
+
+    Kept on ``device`` (the block's device, or the CPU to save accelerator memory).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str) -> None:
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.H.device, dtype=torch.float32)
+        t = x.shape[0]
+        self.H *= self.n / (self.n + t)
+        self.n += t
+        x = x * (2.0 / self.n) ** 0.5
+        self.H.addmm_(x.T, x)
+
+
+@dataclass
+class GPTQMethod:
+    scheme: QuantScheme
+    config: GPTQConfig = field(default_factory=GPTQConfig)
+    true_sequential: bool = True
+    hessians_on_cpu: bool = False
+    scale_dtype: torch.dtype = torch.bfloat16
+    needs_calibration: bool = True
+    stats: dict[str, GPTQStats] = field(default_factory=dict)
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
+        groups = [g.linears for g in ctx.spec.groups]
+        stages = groups if self.true_sequential else [tuple(n for g in groups for n in g)]
+        out: dict[str, QuantizedWeight] = {}
+        for stage in stages:
+            firsts = [g[0] for g in groups if g[0] in stage]
+            obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev), names=firsts)
+            for g in groups:
+                if g[0] not in stage:
+                    continue
+                H = obs[g[0]].H  # type: ignore[attr-defined]
+                for n in g:
+                    lin = ctx.linears[n]
+                    full = f"{ctx.spec.blocks}.{ctx.index}.{n}"
+                    qw, st = gptq_quantize(lin.weight.to(H.device), H, self.scheme, self.config,
+                                           scale_dtype=self.scale_dtype, name=full)
+                    lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
+                    out[n] = qw
+                    self.stats[full] = st
+            del obs
+        return out

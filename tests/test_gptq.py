@@ -1,0 +1,119 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_model_dir
+from lowbit.core.errors import SchemeError
+from lowbit.core.scheme import QuantScheme
+from lowbit.formats import compressed_tensors as ct
+from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.methods.rtn import quantize_rtn
+from lowbit.pipeline.gptq import GPTQMethod, HessianObserver
+from lowbit.pipeline.quantize import quantize_model
+
+
+def _layer(out=64, inp=128, n=1024, seed=0):
+    """A weight and correlated inputs with a few outlier channels (as in real LLM activations)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.05
+    mix = torch.randn(inp, inp, generator=g) / inp**0.5 + torch.eye(inp)
+    x = torch.randn(n, inp, generator=g) @ mix
+    x[:, :4] *= 8
+    return w, x
+
+
+def _hessian(x):
+    obs = HessianObserver(x.shape[1], "cpu")
+    for chunk in x.split(100):
+        obs.update(chunk)
+    return obs.H
+
+
+def _out_err(w, qw, x):
+    return float((x @ (qw.dequantize() - w).T).pow(2).mean())
+
+
+def test_hessian_observer_is_2_xtx_over_n():
+    _, x = _layer()
+    assert torch.allclose(_hessian(x), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("gs", [32, None])
+def test_gptq_beats_rtn_on_layer_output(bits, gs):
+    w, x = _layer(seed=bits)
+    s = QuantScheme(bits, gs, False)
+    qw, st = gptq_quantize(w, _hessian(x), s)
+    assert st.loss > 0 and st.dead_columns == 0
+    assert _out_err(w, qw, x) < 0.8 * _out_err(w, quantize_rtn(w, s), x)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_act_order(static):
+    w, x = _layer(seed=7)
+    s = QuantScheme(3, 32, True)
+    H = _hessian(x)
+    plain, _ = gptq_quantize(w, H, s)
+    ordered, _ = gptq_quantize(w, H, s, GPTQConfig(act_order=True, static_groups=static))
+    assert _out_err(w, ordered, x) < 1.05 * _out_err(w, plain, x)
+    if static:
+        assert ordered.g_idx is None
+    else:  # every group still has exactly group_size columns, spread over the input dimension
+        assert ordered.g_idx is not None and torch.bincount(ordered.g_idx).tolist() == [32] * 4
+        assert not torch.equal(ordered.g_idx.long(), torch.arange(128) // 32)
+
+
+def test_dead_columns_are_zeroed():
+    w, x = _layer()
+    x[:, 5] = 0
+    qw, st = gptq_quantize(w, _hessian(x), QuantScheme(4, 32, False))
+    assert st.dead_columns == 1 and bool((qw.dequantize()[:, 5] == 0).all())
+
+
+def test_cholesky_failure_raises_damp_and_succeeds(caplog):
+    w, x = _layer()
+    H = _hessian(x)
+    evals, evecs = torch.linalg.eigh(H)
+    evals[0] = -0.5 * float(torch.diag(H).mean())  # indefinite: damp 0.01 and 0.1 of mean diag fail
+    bad = evecs @ torch.diag(evals) @ evecs.T
+    qw, st = gptq_quantize(w, bad, QuantScheme(4, 32), name="bad.layer")
+    assert st.damp == pytest.approx(1.0)
+    assert "bad.layer" in caplog.text and "succeeded with damp" in caplog.text
+    with pytest.raises(SchemeError, match="singular"):
+        gptq_quantize(w, bad, QuantScheme(4, 32), GPTQConfig(max_damp_tries=2))
+
+
+def test_true_sequential_pipeline_on_tiny_model(tmp_path):
+    d = make_tiny_model_dir(tmp_path / "m", "qwen2")
+    ids = torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    errs = {}
+    for name in ("rtn", "gptq"):
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        method = GPTQMethod(QuantScheme(3, 32), scale_dtype=torch.float32) if name == "gptq" else "rtn"
+        quantize_model(m, QuantScheme(3, 32), method, tokens=ids, progress=False, scale_dtype=torch.float32)
+        with torch.inference_mode():
+            errs[name] = float((m(ids).logits - ref(ids).logits).pow(2).mean())
+        if name == "gptq":
+            assert len(method.stats) == 14  # type: ignore[union-attr]
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_act_order_g_idx_round_trips_through_the_format(tmp_path):
+    d = make_tiny_model_dir(tmp_path / "m", "llama")
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    method = GPTQMethod(QuantScheme(4, 32), GPTQConfig(act_order=True, static_groups=False),
+                        scale_dtype=torch.float32)
+    qws = quantize_model(model, QuantScheme(4, 32), method, tokens=ids, progress=False)
+    assert all(q.g_idx is not None for q in qws.values())
+    out = ct.save_quantized(model, qws, tmp_path / "out", dtype=torch.float32)
+    import json
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "weights"]["actorder"] == "group"
+    loaded, _ = ct.load_quantized(out)
+    for n, qw in qws.items():
+        back = loaded.get_submodule(n).qweight()
+        assert back.g_idx is not None and torch.equal(back.g_idx, qw.g_idx) and torch.equal(back.codes, qw.codes)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(ids[:1]).logits, model(ids[:1]).logits, atol=1e-5)
