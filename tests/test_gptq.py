@@ -117,3 +117,26 @@ def test_act_order_g_idx_round_trips_through_the_format(tmp_path):
         assert back.g_idx is not None and torch.equal(back.g_idx, qw.g_idx) and torch.equal(back.codes, qw.codes)
     with torch.inference_mode():
         assert torch.allclose(loaded(ids[:1]).logits, model(ids[:1]).logits, atol=1e-5)
+
+
+def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
+    from lowbit.core.errors import LowbitError
+    from lowbit.jobs import quantize
+    from lowbit.models.archs import get_arch
+    from lowbit.pipeline import estimate
+
+    d = make_tiny_model_dir(tmp_path / "m", "llama")
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    method = GPTQMethod(QuantScheme(4, 32))
+    est = estimate.estimate_run(model, get_arch(model), method, 8, 64, torch.device("cpu"), rate=1e9)
+    assert est.parts["hessians"] == 128 * 128 * 4  # the largest stage: down_proj's input, in = 128
+    assert est.parts["activations"] == 2 * 8 * 64 * 64 * 4 and est.seconds > 0
+    seq = GPTQMethod(QuantScheme(4, 32), true_sequential=False)
+    assert estimate.estimate_run(model, get_arch(model), seq, 8, 64, torch.device("cpu"), 1e9).parts[
+        "hessians"] == (3 * 64 * 64 + 128 * 128) * 4
+    monkeypatch.setattr(estimate, "available_bytes", lambda device: 2**16)
+    out = tmp_path / "q"
+    with pytest.raises(LowbitError, match=r"cpu cannot hold one block of this run.*--hessians-on-cpu"):
+        quantize(str(d), QuantScheme(4, 32), out, method="gptq", calib="python-docs", calib_samples=8,
+                 calib_len=64, progress=False)
+    assert not out.exists()

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hessians-on-cpu", action="store_true", help="keep Hessians in CPU memory")
     q.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="dtype of scales and unquantized tensors (default: the model's, bf16 for GGUF input)")
-    q.add_argument("--device", default="cpu", help="device for calibration: cpu, cuda, cuda:1 ...")
+    q.add_argument("--device", default="auto", help="device for calibration: auto (GPU if any), cpu, cuda:1 ...")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("-o", "--out", required=True, help="output folder")
     q.add_argument("--force", action="store_true", help="replace a non-empty output folder")
@@ -115,9 +115,14 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     gptq = GPTQConfig(damp=a.damp, block_size=a.block_size, act_order=a.act_order,
                       static_groups=not a.dynamic_groups, search=a.mse)
     calib_len = a.calib_len or (2048 if a.method == "gptq" else 512)
+    device = a.device
+    if device == "auto":
+        import torch
+
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     res = quantize(a.model, scheme, a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
                    calib_len=calib_len, search=a.mse, dtype=DTYPES[a.dtype] if a.dtype else None,
-                   device=a.device, force=a.force, seed=a.seed, progress=not a.no_progress, gptq=gptq,
+                   device=device, force=a.force, seed=a.seed, progress=not a.no_progress, gptq=gptq,
                    true_sequential=not a.no_true_sequential, hessians_on_cpu=a.hessians_on_cpu)
     console.print(f"wrote {res.path}: {res.n_linears} linears {scheme.label} by {res.method} in {res.seconds:.1f} s, "
                   f"{res.bits_per_weight:.3f} bits/weight, {res.size_bytes / 1e6:.1f} MB; "
@@ -155,7 +160,14 @@ def cmd_models(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(message)s",
+    from lowbit.pipeline.distributed import init_from_env, world
+
+    init_from_env()  # under torchrun: data-parallel calibration
+    if world()[0] != 0:  # only rank 0 talks
+        a.no_progress = True
+        console.quiet = True
+    level = logging.DEBUG if a.verbose else logging.INFO if world()[0] == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s",
                         handlers=[RichHandler(console=err_console, show_path=False)])
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -23,7 +23,10 @@ from lowbit.data import calibration_tokens, default_eval_corpus, resolve_calib_t
 from lowbit.eval import EvalResult, adds_bos, evaluate, tokenize_corpus
 from lowbit.formats.compressed_tensors import RECIPE_FILE, load_quantized, save_quantized
 from lowbit.methods.gptq import GPTQConfig
+from lowbit.models.archs import get_arch
 from lowbit.models.loader import LoadedModel, load_model, model_size_bytes
+from lowbit.pipeline.distributed import shard, world
+from lowbit.pipeline.estimate import check_fits, estimate_run
 from lowbit.pipeline.gptq import GPTQMethod
 from lowbit.pipeline.quantize import METHODS, make_method, quantize_model
 
@@ -83,8 +86,12 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, me
     if block_method.needs_calibration:
         calib = calib or default_calib()
         texts = resolve_calib_texts(calib)
-        tokens = calibration_tokens(lm.tokenizer, texts, calib_samples, calib_len, seed=seed)
+        tokens = shard(calibration_tokens(lm.tokenizer, texts, calib_samples, calib_len, seed=seed))
         calib_info = {"calib": calib, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed}
+        est = estimate_run(lm.model, get_arch(lm.model), block_method, tokens.shape[0], calib_len,
+                           torch.device(device))
+        log.info(est.describe())
+        check_fits(est, torch.device(device))
     t0 = time.perf_counter()
     qweights = quantize_model(lm.model, scheme, block_method, tokens=tokens, device=device, progress=progress)
     seconds = time.perf_counter() - t0
@@ -103,8 +110,15 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, me
                  sum(losses) / len(losses), max(losses), len(raised))
         if gptq.act_order:
             actorder = "weight" if gptq.static_groups else "group"
-    path = save_quantized(lm.model, qweights, out, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
-                          overwrite=force, actorder=actorder)
+    rank, size = world()
+    if size > 1:
+        recipe["world_size"] = size
+    if rank == 0:
+        path = save_quantized(lm.model, qweights, out, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
+                              overwrite=force, actorder=actorder)
+    if size > 1:
+        torch.distributed.barrier()
+    path = Path(out)
     kept = sorted(n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in qweights)
     return QuantizeResult(path, scheme, method, seconds, model_size_bytes(path), bits_per_weight(qweights),
                           len(qweights), kept)
@@ -112,7 +126,9 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, me
 
 def quantize(model: str, scheme: QuantScheme, out: str | Path, **kw: Any) -> QuantizeResult:
     """Load ``model`` (source name, folder, GGUF or hub id), quantize it, write ``out``."""
-    lm = load_model(model, device="cpu")
+    device = kw.get("device", "cpu")
+    # weights live on the CPU and visit the device block by block: bf16 compute on accelerators
+    lm = load_model(model, device="cpu", dtype=None if torch.device(device).type == "cpu" else torch.bfloat16)
     return quantize_loaded(lm, scheme, out, **kw)
 
 

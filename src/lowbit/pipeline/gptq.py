@@ -18,6 +18,7 @@ from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods.gptq import GPTQConfig, GPTQStats, gptq_quantize
 from lowbit.pipeline.blockwise import BlockContext, collect
+from lowbit.pipeline.distributed import broadcast_object, broadcast_qweight, sum_weighted, world
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +57,32 @@ class GPTQMethod:
         groups = [g.linears for g in ctx.spec.groups]
         stages = groups if self.true_sequential else [tuple(n for g in groups for n in g)]
         out: dict[str, QuantizedWeight] = {}
+        rank, size = world()
+        solved = 0
         for stage in stages:
             firsts = [g[0] for g in groups if g[0] in stage]
             obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev), names=firsts)
             for g in groups:
                 if g[0] not in stage:
                     continue
-                H = obs[g[0]].H  # type: ignore[attr-defined]
+                o = obs[g[0]]
+                H, _ = sum_weighted(o.H, o.n)  # type: ignore[attr-defined]
                 for n in g:
                     lin = ctx.linears[n]
                     full = f"{ctx.spec.blocks}.{ctx.index}.{n}"
-                    qw, st = gptq_quantize(lin.weight.to(H.device), H, self.scheme, self.config,
-                                           scale_dtype=self.scale_dtype, name=full)
+                    owner = solved % size
+                    solved += 1
+                    qw, st = None, None
+                    if owner == rank:
+                        qw, st = gptq_quantize(lin.weight.to(H.device), H, self.scheme, self.config,
+                                               scale_dtype=self.scale_dtype, name=full)
+                    dynamic = self.config.act_order and not self.config.static_groups
+                    qw = broadcast_qweight(qw, owner, (lin.out_features, lin.in_features), self.scheme,
+                                           self.scale_dtype, H.device, dynamic)
+                    st = broadcast_object(st, owner)  # type: ignore[assignment]
                     lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
                     out[n] = qw
+                    assert isinstance(st, GPTQStats)
                     self.stats[full] = st
             del obs
         return out

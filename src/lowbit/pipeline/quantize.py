@@ -16,6 +16,7 @@ from lowbit.methods.gptq import GPTQConfig
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.models.archs import block_linears, get_arch, get_blocks
 from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect, run_blockwise
+from lowbit.pipeline.distributed import sum_weighted
 from lowbit.pipeline.gptq import GPTQMethod
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ class ImatrixRTNMethod:
         obs = collect(ctx, lambda n, lin: SquareMeanObserver(lin.in_features), keep_outputs=not self.propagate)
         out = {}
         for n, lin in ctx.linears.items():
-            imp = obs[n].mean()  # type: ignore[attr-defined]
+            o = obs[n]
+            imp, _ = sum_weighted(o.mean(), o.count)  # type: ignore[attr-defined]
             self.importance[f"{ctx.spec.blocks}.{ctx.index}.{n}"] = imp
             out[n] = quantize_rtn(lin.weight, self.scheme, importance=imp.to(lin.weight.device),
                                   scale_dtype=self.scale_dtype)

@@ -1,0 +1,122 @@
+"""Before a calibrated run: estimate peak device and CPU memory and the time, and refuse a run
+whose single block cannot fit on the device.
+
+Peak device memory of the block-by-block engine::
+
+    block weights (compute dtype)
+  + calibration activations, inputs and outputs of one block:   2 n T d  x bytes
+  + the working set of one forward of one sample:               T (3 I + 4 d) x 4 + heads T^2 x 4
+  + statistics: GPTQ Hessians of one stage (all stages without true-sequential), in^2 x 4 each
+                (on the CPU with ``hessians_on_cpu``); imatrix vectors are negligible
+
+Time: every block runs ``r`` forwards over ``n T`` tokens (imatrix 1, GPTQ one per stage + 1),
+``2 P_block n T + 4 n T^2 d`` FLOPs each, plus GPTQ's solves (``in^3`` for the inverse Cholesky
+and ``2 out in^2`` for the column updates per linear), over a measured matmul rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowbit.core.errors import LowbitError
+from lowbit.models.archs import ArchSpec, block_linears, get_blocks
+from lowbit.pipeline.blockwise import BlockMethod
+from lowbit.pipeline.gptq import GPTQMethod
+
+log = logging.getLogger(__name__)
+GiB = 2**30
+
+
+@dataclass
+class RunEstimate:
+    device: str
+    device_bytes: int
+    cpu_bytes: int
+    seconds: float
+    parts: dict[str, float]
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in self.parts.items())
+        return (f"estimate: peak {self.device_bytes / GiB:.2f} GiB on {self.device} ({parts}), "
+                f"{self.cpu_bytes / GiB:.2f} GiB CPU memory, about {self.seconds:.0f} s")
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
+    """Measured FLOP/s of an ``n x n`` matmul on ``device`` (a few repetitions, median-free but warm)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:
+        a @ a
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of ``device`` (CUDA: free device memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_samples: int, seq_len: int,
+                 device: torch.device, rate: float | None = None) -> RunEstimate:
+    blocks = get_blocks(model, spec)
+    block = blocks[0]
+    cfg = getattr(model, "config", None)
+    d = int(getattr(cfg, "hidden_size", 0))
+    inter = int(getattr(cfg, "intermediate_size", 0) or 4 * d)
+    heads = int(getattr(cfg, "num_attention_heads", 1))
+    dtype = next(block.parameters()).dtype
+    elt = torch.finfo(dtype).bits // 8
+    block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
+    block_params = sum(p.numel() for p in block.parameters())
+    tokens = n_samples * seq_len
+    acts = 2 * tokens * d * elt if method.needs_calibration else 0
+    work = (seq_len * (3 * inter + 4 * d) * 4 + heads * seq_len**2 * 4) if method.needs_calibration else 0
+    linears = block_linears(block, spec)
+    hess = 0
+    runs = 1 if method.needs_calibration else 0
+    if isinstance(method, GPTQMethod):
+        sizes = [linears[g.linears[0]].in_features ** 2 * 4 for g in spec.groups]
+        hess = max(sizes) if method.true_sequential else sum(sizes)
+        runs = (len(spec.groups) if method.true_sequential else 1) + 1
+    device_hess = 0 if isinstance(method, GPTQMethod) and method.hessians_on_cpu else hess
+    parts = {"block": float(block_bytes), "activations": float(acts), "workspace": float(work),
+             "hessians": float(device_hess)}
+    device_bytes = int(sum(parts.values()))
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    cpu_bytes = model_bytes + (acts if device.type == "cpu" else 0) + (hess - device_hess)
+    rate = rate or matmul_rate(device, dtype if device.type == "cuda" else torch.float32)
+    flops = len(blocks) * runs * (2 * block_params * tokens + 4 * n_samples * seq_len**2 * d)
+    if isinstance(method, GPTQMethod):
+        flops += len(blocks) * sum(m.in_features**3 + 2 * m.out_features * m.in_features**2
+                                   for m in linears.values())
+    return RunEstimate(str(device), device_bytes, int(cpu_bytes), flops / rate, parts)
+
+
+def check_fits(est: RunEstimate, device: torch.device, free: int | None = None) -> None:
+    """Refuse a run whose peak exceeds the free memory of ``device``, saying what would help."""
+    free = available_bytes(device) if free is None else free
+    if est.device_bytes > free:
+        raise LowbitError(
+            f"{est.device} cannot hold one block of this run: it needs about {est.device_bytes / GiB:.2f} GiB "
+            f"({', '.join(f'{k} {v / GiB:.2f}' for k, v in est.parts.items())} GiB) and {free / GiB:.2f} GiB "
+            "are free. Lower --calib-samples or --calib-len, pass --hessians-on-cpu, or use a larger device."
+        )
