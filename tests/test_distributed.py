@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_model_dir
 
+from conftest import make_tiny_model_dir
 from lowbit.formats.compressed_tensors import load_quantized
 
 TEXT = "\n\n".join(f"paragraph {i}: low bit models keep their answers when the quantizer is careful" * 3
