@@ -67,6 +67,7 @@ class GPTQStats:
     loss: float
     damp: float
     dead_columns: int
+    row_loss: torch.Tensor | None = None  # (out,) error of each output row, on the CPU
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int, name: str) -> tuple[torch.Tensor, float]:
@@ -155,6 +156,6 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
         if static is None:
             g_idx = col_group[inv].to(torch.int32)  # original column c was processed at position inv[c]
     qw = QuantizedWeight(codes.to(torch.uint8), scales.to(scale_dtype), zeros.to(torch.uint8), scheme, g_idx)
-    stats = GPTQStats(float(losses.sum()), damp, int(dead.sum()))
+    stats = GPTQStats(float(losses.sum()), damp, int(dead.sum()), losses.cpu())
     log.debug("%s: GPTQ loss %.4g (damp %.3g, %d dead columns)", name, stats.loss, damp, stats.dead_columns)
     return qw, stats

@@ -67,22 +67,29 @@ class GPTQMethod:
                     continue
                 o = obs[g[0]]
                 H, _ = sum_weighted(o.H, o.n)  # type: ignore[attr-defined]
-                for n in g:
-                    lin = ctx.linears[n]
-                    full = f"{ctx.spec.blocks}.{ctx.index}.{n}"
-                    owner = solved % size
-                    solved += 1
-                    qw, st = None, None
-                    if owner == rank:
-                        qw, st = gptq_quantize(lin.weight.to(H.device), H, self.scheme, self.config,
-                                               scale_dtype=self.scale_dtype, name=full)
-                    dynamic = self.config.act_order and not self.config.static_groups
-                    qw = broadcast_qweight(qw, owner, (lin.out_features, lin.in_features), self.scheme,
-                                           self.scale_dtype, H.device, dynamic)
-                    st = broadcast_object(st, owner)  # type: ignore[assignment]
-                    lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
-                    out[n] = qw
-                    assert isinstance(st, GPTQStats)
-                    self.stats[full] = st
+                lins = [ctx.linears[n] for n in g]
+                owner = solved % size
+                solved += 1
+                # the linears of a group share H: one solve over their stacked rows (rows are independent)
+                W = torch.cat([lin.weight.to(H.device) for lin in lins])
+                qw, st = None, None
+                if owner == rank:
+                    name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
+                    qw, st = gptq_quantize(W, H, self.scheme, self.config, scale_dtype=self.scale_dtype, name=name)
+                dynamic = self.config.act_order and not self.config.static_groups
+                qw = broadcast_qweight(qw, owner, tuple(W.shape), self.scheme,  # type: ignore[arg-type]
+                                       self.scale_dtype, H.device, dynamic)
+                st = broadcast_object(st, owner)  # type: ignore[assignment]
+                assert isinstance(st, GPTQStats) and st.row_loss is not None
+                r0 = 0
+                for n, lin in zip(g, lins, strict=True):
+                    r1 = r0 + lin.out_features
+                    part = QuantizedWeight(qw.codes[r0:r1].clone(), qw.scales[r0:r1].clone(), qw.zeros[r0:r1].clone(),
+                                           qw.scheme, None if qw.g_idx is None else qw.g_idx.clone())
+                    lin.weight.data.copy_(part.dequantize(lin.weight.dtype).to(lin.weight.device))
+                    out[n] = part
+                    self.stats[f"{ctx.spec.blocks}.{ctx.index}.{n}"] = GPTQStats(
+                        float(st.row_loss[r0:r1].sum()), st.damp, st.dead_columns)
+                    r0 = r1
             del obs
         return out
