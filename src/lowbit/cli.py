@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=128, help="lazy-update block size")
     g.add_argument("--no-true-sequential", action="store_true", help="one Hessian pass per block")
     g.add_argument("--hessians-on-cpu", action="store_true", help="keep Hessians in CPU memory")
+    q.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations in CPU memory (device memory: about one block)")
     q.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="dtype of scales and unquantized tensors (default: the model's, bf16 for GGUF input)")
     q.add_argument("--device", default="auto", help="device for calibration: auto (GPU if any), cpu, cuda:1 ...")
@@ -123,7 +125,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     res = quantize(a.model, scheme, a.out, method=a.method, calib=a.calib, calib_samples=a.calib_samples,
                    calib_len=calib_len, search=a.mse, dtype=DTYPES[a.dtype] if a.dtype else None,
                    device=device, force=a.force, seed=a.seed, progress=not a.no_progress, gptq=gptq,
-                   true_sequential=not a.no_true_sequential, hessians_on_cpu=a.hessians_on_cpu)
+                   true_sequential=not a.no_true_sequential, hessians_on_cpu=a.hessians_on_cpu,
+                   offload_activations=a.offload_activations)
     console.print(f"wrote {res.path}: {res.n_linears} linears {scheme.label} by {res.method} in {res.seconds:.1f} s, "
                   f"{res.bits_per_weight:.3f} bits/weight, {res.size_bytes / 1e6:.1f} MB; "
                   f"kept in 16-bit: {', '.join(res.kept) or 'none'}")

@@ -73,7 +73,7 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, me
                     search: bool = False, dtype: torch.dtype | None = None, device: str = "cpu",
                     force: bool = False, seed: int = 0, progress: bool = True,
                     gptq: GPTQConfig | None = None, true_sequential: bool = True,
-                    hessians_on_cpu: bool = False) -> QuantizeResult:
+                    hessians_on_cpu: bool = False, offload_activations: bool = False) -> QuantizeResult:
     """Quantize an already loaded model (modified in place) and write the artifact to ``out``."""
     if method not in METHODS:
         raise LowbitError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
@@ -89,11 +89,12 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, me
         tokens = shard(calibration_tokens(lm.tokenizer, texts, calib_samples, calib_len, seed=seed))
         calib_info = {"calib": calib, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed}
         est = estimate_run(lm.model, get_arch(lm.model), block_method, tokens.shape[0], calib_len,
-                           torch.device(device))
+                           torch.device(device), offload=offload_activations)
         log.info(est.describe())
         check_fits(est, torch.device(device))
     t0 = time.perf_counter()
-    qweights = quantize_model(lm.model, scheme, block_method, tokens=tokens, device=device, progress=progress)
+    qweights = quantize_model(lm.model, scheme, block_method, tokens=tokens, device=device, progress=progress,
+                              offload_activations=offload_activations)
     seconds = time.perf_counter() - t0
     recipe = {"lowbit_version": __version__, "method": method, "search": search or method == "imatrix-rtn",
               "source_model": str(lm.path), "storage_dtype": str(store).removeprefix("torch."),

@@ -30,6 +30,7 @@ Shapes: ``W (out, in)``, ``H (in, in)`` float32, groups along ``in``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,12 @@ class GPTQStats:
     row_loss: torch.Tensor | None = None  # (out,) error of each output row, on the CPU
 
 
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int, name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1``, raising ``lambda`` until it succeeds."""
     mean_diag = float(torch.mean(torch.diag(H)))
@@ -90,9 +97,12 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int, name: str) -> tu
 
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(),
-                  *, scale_dtype: torch.dtype = torch.float32, name: str = "layer"
-                  ) -> tuple[QuantizedWeight, GPTQStats]:
-    """Quantize ``weight (out, in)`` given the Hessian ``H (in, in)`` of its inputs."""
+                  *, scale_dtype: torch.dtype = torch.float32, name: str = "layer",
+                  timers: dict[str, float] | None = None) -> tuple[QuantizedWeight, GPTQStats]:
+    """Quantize ``weight (out, in)`` given the Hessian ``H (in, in)`` of its inputs.
+
+    With ``timers`` the seconds of the phases (``cholesky``, ``columns``) are added to it.
+    """
     out, cols = weight.shape
     if H.shape != (cols, cols):
         raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
@@ -111,7 +121,9 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
+    t0 = _sync_time(W.device)
     U, damp = _inverse_cholesky(H, cfg.damp, cfg.max_damp_tries, name)
+    t1 = _sync_time(W.device)
 
     codes = torch.zeros_like(W)
     scales = torch.zeros(out, groups, device=W.device)
@@ -147,6 +159,10 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
+    if timers is not None:
+        t2 = _sync_time(W.device)
+        timers["cholesky"] = timers.get("cholesky", 0.0) + t1 - t0
+        timers["columns"] = timers.get("columns", 0.0) + t2 - t1
     g_idx = None
     if static is not None:
         scales, zeros = static

@@ -66,10 +66,10 @@ class BlockContext:
         """Run the block over every calibration input (hooks registered on it see each call)."""
         outs = []
         for x in self.inputs:
-            y = self.block(x.to(self.device), **self.kwargs)
+            y = self.block(x.to(self.device, non_blocking=True), **self.kwargs)
             y = y[0] if isinstance(y, tuple) else y
             if keep_outputs:
-                outs.append(y.to(x.device))
+                outs.append(_to_home(y, x.device))
         if keep_outputs:
             self.outputs = outs
 
@@ -124,9 +124,24 @@ def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device) ->
 
 
 @torch.inference_mode()
+def _to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
+    """``t`` moved to ``home``; CPU copies of CUDA tensors go to pinned memory, asynchronously
+    (later reads are uploads on the same stream, which CUDA orders after the copy)."""
+    if t.device == home:
+        return t
+    if home.type == "cpu" and t.device.type == "cuda":
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+    return t.to(home)
+
+
 def capture_inputs(model: nn.Module, tokens: torch.Tensor, spec: ArchSpec, device: torch.device,
-                   ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Inputs of block 0 for every sample ``tokens (n, T)``, and the kwargs of every block."""
+                   offload: bool = False) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Inputs of block 0 for every sample ``tokens (n, T)``, and the kwargs of every block.
+
+    With ``offload`` the activations are kept in (pinned) CPU memory and visit the device one
+    sample at a time: device memory then holds no ``n x T x hidden`` activations at all.
+    """
     blocks = get_blocks(model, spec)
     hidden: list[torch.Tensor] = []
     kwargs: list[dict[str, Any]] = [{} for _ in blocks]
@@ -135,7 +150,8 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, spec: ArchSpec, devic
     def pre(i: int) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
             if i == 0:
-                hidden.append(args[0] if args else kw["hidden_states"])
+                h = args[0] if args else kw["hidden_states"]
+                hidden.append(_to_home(h, torch.device("cpu")) if offload else h)
             if probing:
                 kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
                 if device.type != "cpu":
@@ -177,7 +193,8 @@ def _check_finite(name: str, w: torch.Tensor) -> None:
 
 
 def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | None = None,
-                  device: str | torch.device = "cpu", progress: bool = True) -> dict[str, QuantizedWeight]:
+                  device: str | torch.device = "cpu", progress: bool = True, offload_activations: bool = False
+                  ) -> dict[str, QuantizedWeight]:
     """Quantize every linear of every decoder block of ``model``; returns ``{full name: QuantizedWeight}``.
 
     The model's linears are left holding the dequantized weights (a fake-quantized model);
@@ -193,7 +210,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
     if calibrated:
         if tokens is None or tokens.numel() == 0:
             raise LowbitError("this method needs calibration tokens; pass --calib (e.g. c4 or a text file)")
-        hidden, kwargs = capture_inputs(model, tokens, spec, dev)
+        hidden, kwargs = capture_inputs(model, tokens, spec, dev, offload=offload_activations and dev.type != "cpu")
     else:
         hidden, kwargs = [], [{} for _ in blocks]
     result: dict[str, QuantizedWeight] = {}

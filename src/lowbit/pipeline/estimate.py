@@ -76,7 +76,7 @@ def available_bytes(device: torch.device) -> int:
 
 
 def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_samples: int, seq_len: int,
-                 device: torch.device, rate: float | None = None) -> RunEstimate:
+                 device: torch.device, rate: float | None = None, offload: bool = False) -> RunEstimate:
     blocks = get_blocks(model, spec)
     block = blocks[0]
     cfg = getattr(model, "config", None)
@@ -89,6 +89,7 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
     block_params = sum(p.numel() for p in block.parameters())
     tokens = n_samples * seq_len
     acts = 2 * tokens * d * elt if method.needs_calibration else 0
+    device_acts = 2 * seq_len * d * elt if offload and method.needs_calibration else acts
     work = (seq_len * (3 * inter + 4 * d) * 4 + heads * seq_len**2 * 4) if method.needs_calibration else 0
     linears = block_linears(block, spec)
     hess = 0
@@ -98,11 +99,11 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
         hess = max(sizes) if method.true_sequential else sum(sizes)
         runs = (len(spec.groups) if method.true_sequential else 1) + 1
     device_hess = 0 if isinstance(method, GPTQMethod) and method.hessians_on_cpu else hess
-    parts = {"block": float(block_bytes), "activations": float(acts), "workspace": float(work),
+    parts = {"block": float(block_bytes), "activations": float(device_acts), "workspace": float(work),
              "hessians": float(device_hess)}
     device_bytes = int(sum(parts.values()))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    cpu_bytes = model_bytes + (acts if device.type == "cpu" else 0) + (hess - device_hess)
+    cpu_bytes = model_bytes + (acts if device.type == "cpu" or offload else 0) + (hess - device_hess)
     rate = rate or matmul_rate(device, dtype if device.type == "cuda" else torch.float32)
     flops = len(blocks) * runs * (2 * block_params * tokens + 4 * n_samples * seq_len**2 * d)
     if isinstance(method, GPTQMethod):
@@ -118,5 +119,6 @@ def check_fits(est: RunEstimate, device: torch.device, free: int | None = None) 
         raise LowbitError(
             f"{est.device} cannot hold one block of this run: it needs about {est.device_bytes / GiB:.2f} GiB "
             f"({', '.join(f'{k} {v / GiB:.2f}' for k, v in est.parts.items())} GiB) and {free / GiB:.2f} GiB "
-            "are free. Lower --calib-samples or --calib-len, pass --hessians-on-cpu, or use a larger device."
+            "are free. Pass --offload-activations or --hessians-on-cpu, lower --calib-samples or --calib-len, "
+            "or use a larger device."
         )

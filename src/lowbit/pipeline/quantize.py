@@ -108,8 +108,8 @@ def check_group_size(model: nn.Module, scheme: QuantScheme, names: list[tuple[st
 
 def quantize_model(model: nn.Module, scheme: QuantScheme, method: str | BlockMethod = "rtn", *,
                    tokens: torch.Tensor | None = None, search: bool = False, device: str = "cpu",
-                   scale_dtype: torch.dtype = torch.bfloat16, progress: bool = True
-                   ) -> dict[str, QuantizedWeight]:
+                   scale_dtype: torch.dtype = torch.bfloat16, progress: bool = True,
+                   offload_activations: bool = False) -> dict[str, QuantizedWeight]:
     """Quantize the decoder linears of ``model`` in place (fake-quant) and return their packed form.
 
     ``method`` is a name of :data:`METHODS` or a ready :class:`BlockMethod` (e.g. a configured
@@ -120,4 +120,4 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, method: str | BlockMet
              for n, lin in block_linears(b, spec, i).items()]
     check_group_size(model, scheme, named)
     m = make_method(method, scheme, search=search, scale_dtype=scale_dtype) if isinstance(method, str) else method
-    return run_blockwise(model, m, tokens, device=device, progress=progress)
+    return run_blockwise(model, m, tokens, device=device, progress=progress, offload_activations=offload_activations)
