@@ -171,6 +171,16 @@ class _Acc:
         self.kl_samples: list[torch.Tensor] = []
 
 
+def _kl_rows(ref_logp: torch.Tensor, logp: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """``KL(P_ref || P) (S,)`` per row of log-probabilities ``(S, V)``, a ``chunk`` of rows at a time
+    (a full-size temporary is ``S x V`` floats: 2 GB for a 262k vocabulary at 2048 tokens)."""
+    out = torch.empty(ref_logp.shape[0], dtype=torch.float32, device=ref_logp.device)
+    for i in range(0, ref_logp.shape[0], chunk):
+        r, c = ref_logp[i : i + chunk], logp[i : i + chunk]
+        out[i : i + chunk] = (r.exp() * (r - c)).sum(-1)
+    return out
+
+
 def evaluate(
     models: Mapping[str, LogitsFn | torch.nn.Module],
     tokens: torch.Tensor,
@@ -229,7 +239,7 @@ def evaluate(
                             f"model {name!r} has vocabulary {logp.shape[-1]} but the reference has "
                             f"{ref_logp.shape[-1]}; compare models that share a tokenizer and vocab size"
                         )
-                    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (S,)
+                    kl = _kl_rows(ref_logp, logp)  # (S,)
                     acc.kld += float(kl.double().sum())
                     acc.agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
                     acc.kl_samples.append(kl[::stride].float().cpu())

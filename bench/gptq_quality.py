@@ -1,0 +1,105 @@
+"""GPTQ quality on real models: lowbit GPTQ vs lowbit RTN vs llm-compressor's GPTQ, side by side.
+
+    python bench/gptq_quality.py --models gemma3-270m qwen2.5-coder-0.5b --schemes W4A16 W3A16 \
+        --calib-samples 128 --calib-len 512 --windows 40 --llmc-python /path/to/llmc-venv/bin/python
+
+Every method sees the same C4 calibration tokens (seeded) and is scored on the same WikiText-2
+windows (GPTQ protocol, 2048 tokens) against the bf16 reference; lowbit's rows are evaluated from
+their artifacts on disk, llm-compressor's from the fake-quantized weights it computed. Prints one
+table (perplexity increase over the reference, and its ratio to llm-compressor's) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import save_file
+
+from lowbit.core.io import write_json_atomic
+from lowbit.core.scheme import get_scheme
+from lowbit.data import calibration_tokens, resolve_calib_texts
+from lowbit.formats.compressed_tensors import load_quantized
+from lowbit.jobs import evaluate_models, quantize_loaded
+from lowbit.methods.gptq import GPTQConfig
+from lowbit.models.loader import load_model
+
+log = logging.getLogger("gptq_quality")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["gemma3-270m", "qwen2.5-coder-0.5b"])
+    p.add_argument("--schemes", nargs="+", default=["W4A16", "W3A16"])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--act-order", action="store_true", help="lowbit GPTQ with act-order (static groups)")
+    p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
+    p.add_argument("--out", default="bench/results/gptq")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = Path(a.out)
+    rows: list[dict] = []
+    for name in a.models:
+        ref = load_model(name)
+        tokens = calibration_tokens(ref.tokenizer, resolve_calib_texts("c4"), a.calib_samples, a.calib_len, seed=0)
+        tok_file = out / name / "calib_tokens.safetensors"
+        tok_file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"tokens": tokens.contiguous()}, str(tok_file))
+        for sname in a.schemes:
+            scheme = get_scheme(sname, group_size=a.group_size)
+            models: dict[str, torch.nn.Module] = {"reference": ref.model}
+            secs: dict[str, float] = {}
+            for method in ("rtn", "gptq"):
+                work = copy.deepcopy(ref)
+                res = quantize_loaded(work, scheme, out / name / f"{sname}-{method}", method=method, calib="c4",
+                                      calib_samples=a.calib_samples, calib_len=a.calib_len, force=True,
+                                      progress=False, gptq=GPTQConfig(act_order=a.act_order))
+                del work
+                models[f"lowbit-{method}"] = load_quantized(res.path)[0]
+                secs[f"lowbit-{method}"] = res.seconds
+            if a.llmc_python:
+                peer_dir = out / name / f"{sname}-llmcompressor"
+                t0 = time.perf_counter()
+                subprocess.run([a.llmc_python, str(Path(__file__).parent / "peers" / "llmc_gptq.py"), str(ref.path),
+                                str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)], check=True)
+                secs["llmcompressor-gptq"] = json.loads((peer_dir / "peer.json").read_text())["seconds"]
+                log.info("llm-compressor took %.0f s (wall %.0f s)", secs["llmcompressor-gptq"],
+                         time.perf_counter() - t0)
+                models["llmcompressor-gptq"] = load_model(str(peer_dir)).model
+            corpus, res_ev = evaluate_models(models, ref.tokenizer, reference="reference", data="wikitext2",
+                                             ctx=a.ctx, max_windows=a.windows, progress=False)
+            base = res_ev["reference"].ppl
+            for m, r in res_ev.items():
+                rows.append({"model": name, "scheme": scheme.label, "method": m, "ppl": r.ppl,
+                             "ppl_increase": r.ppl - base, "kld": r.kld_mean, "top1": r.top1,
+                             "quantize_seconds": secs.get(m), "windows": r.n_windows, "tokens": r.n_tokens})
+            del models
+            write_json_atomic(out / "gptq_quality.json", {"args": vars(a), "rows": rows})
+    table = Table(title=f"WikiText-2 (gptq protocol, {a.windows} x {a.ctx}), C4 calibration "
+                        f"{a.calib_samples} x {a.calib_len}")
+    for c in ("model", "scheme", "method", "ppl", "Δppl", "Δ / llmc Δ", "KLD", "top-1", "quant s"):
+        table.add_column(c)
+    for r in rows:
+        peer = next((x for x in rows if x["model"] == r["model"] and x["scheme"] == r["scheme"]
+                     and x["method"] == "llmcompressor-gptq"), None)
+        ratio = "-" if peer is None or r["method"] == "reference" else f"{r['ppl_increase'] / peer['ppl_increase']:.2f}"
+        table.add_row(r["model"], r["scheme"], r["method"], f"{r['ppl']:.4f}", f"{r['ppl_increase']:+.4f}", ratio,
+                      "-" if r["kld"] is None else f"{r['kld']:.4f}", "-" if r["top1"] is None else f"{r['top1']:.4f}",
+                      "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}")
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()
