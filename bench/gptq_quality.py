@@ -44,7 +44,8 @@ def main() -> None:
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--ctx", type=int, default=2048)
-    p.add_argument("--act-order", action="store_true", help="lowbit GPTQ with act-order (static groups)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="lowbit GPTQ with act-order, static groups (default, as llm-compressor's default)")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
     p.add_argument("--out", default="bench/results/gptq")
     a = p.parse_args()

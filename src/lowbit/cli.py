@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=128)
     q.add_argument("--calib-len", type=int, default=None, help="tokens per sample (default: 2048 gptq, 512 else)")
     g = q.add_argument_group("GPTQ")
-    g.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
+    g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize columns by decreasing Hessian diagonal (default on, static groups)")
     g.add_argument("--dynamic-groups", action="store_true",
                    help="with --act-order: groups follow the permuted order (stores g_idx; older loaders only)")
     g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean Hessian diagonal")

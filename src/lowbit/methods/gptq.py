@@ -45,11 +45,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    """Options of GPTQ (defaults follow the reference implementation and llm-compressor)."""
+    """Options of GPTQ (defaults follow llm-compressor: damp 0.01, blocks of 128, act-order with
+    static groups, which costs nothing at inference)."""
 
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
     static_groups: bool = True
     search: bool = False
     max_damp_tries: int = 8
