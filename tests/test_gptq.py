@@ -140,3 +140,27 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
         quantize(str(d), QuantScheme(4, 32), out, method="gptq", calib="python-docs", calib_samples=8,
                  calib_len=64, progress=False)
     assert not out.exists()
+
+
+def test_act_order_static_artifact_loads_in_transformers(tmp_path):
+    """Default GPTQ (act-order, static groups) exports the plain group layout, actorder "weight":
+    transformers + compressed-tensors load it and agree with our loader."""
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    from lowbit.jobs import quantize
+
+    d = make_tiny_model_dir(tmp_path / "m", "qwen2")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"line {i} of a small calibration corpus for gptq" for i in range(200)))
+    res = quantize(str(d), QuantScheme(4, 32), tmp_path / "out", method="gptq", calib=str(corpus),
+                   calib_samples=8, calib_len=32, progress=False)
+    cfg = json.loads((res.path / "config.json").read_text())["quantization_config"]
+    assert cfg["config_groups"]["group_0"]["weights"]["actorder"] == "weight"
+    recipe = json.loads((res.path / "lowbit_recipe.json").read_text())
+    assert recipe["gptq"]["act_order"] and len(recipe["gptq_layer_loss"]) == 14
+    ours, _ = ct.load_quantized(res.path)
+    theirs = AutoModelForCausalLM.from_pretrained(res.path, dtype=torch.float32)
+    ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)
