@@ -6,7 +6,6 @@ Errors on bad input (:class:`~lowbit.core.errors.LowbitError`) print one clear l
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -86,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _table(title: str, columns: tuple[str, ...] | list[str], rows: list[list[str]]) -> Table:
     t = Table(title=title)
     for c in columns:
-        t.add_column(c, justify="left" if c in ("name", "method", "scheme", "model") else "right")
+        t.add_column(c, justify="left" if c in ("name", "method", "scheme", "model", "architecture", "gguf", "licence", "cached")
+                     else "right")
     for row in rows:
         t.add_row(*row)
     return t
@@ -156,10 +156,12 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_models(a: argparse.Namespace) -> None:
-    from lowbit.models.sources import SOURCES
+    from lowbit.models.sources import SOURCES, cache_root
 
-    for name, src in SOURCES.items():
-        console.print(f"{name}: {json.dumps(getattr(src, 'description', '') or str(src))}")
+    rows = [[name, src.architecture, src.gguf_file, src.license,
+             "yes" if (cache_root() / "models" / name).is_dir() else "no"] for name, src in SOURCES.items()]
+    console.print(_table(f"offline model sources (cache: {cache_root()})",
+                         ["model", "architecture", "gguf", "licence", "cached"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:

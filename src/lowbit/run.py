@@ -103,8 +103,9 @@ def run_main(model: str = DEFAULT_SOURCE, out: str | Path | None = None, *, entr
         "lowbit_version": __version__, "model": ref.name, "model_path": str(ref.path),
         "eval": {"corpus": corpus, "protocol": protocol, "ctx": ctx, "windows": first.n_windows,
                  "tokens_scored": first.n_tokens,
-                 "why": f"first {first.n_windows} windows of {ctx} tokens: sized so the whole job finishes "
-                        "in under 10 minutes on a 2-core CPU; pass --windows for more"},
+                 "why": (f"first {first.n_windows} windows of {ctx} tokens: sized so the whole job finishes "
+                         "in under 10 minutes on a 2-core CPU; pass --windows for more") if windows == 3 and ctx == 2048
+                 else f"first {first.n_windows} windows of {ctx} tokens (--windows {windows})"},
         "calibration": {"corpus": calib, "samples": calib_samples, "seq_len": calib_len,
                         "used_by": [e.name for e in entries if e.method != "rtn"]},
         "rows": rows, "notes": notes,
