@@ -82,11 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_TEXT_COLUMNS = ("name", "method", "scheme", "model", "architecture", "gguf", "licence", "cached")
+
+
 def _table(title: str, columns: tuple[str, ...] | list[str], rows: list[list[str]]) -> Table:
     t = Table(title=title)
     for c in columns:
-        t.add_column(c, justify="left" if c in ("name", "method", "scheme", "model", "architecture", "gguf", "licence", "cached")
-                     else "right")
+        t.add_column(c, justify="left" if c in _TEXT_COLUMNS else "right")
     for row in rows:
         t.add_row(*row)
     return t
