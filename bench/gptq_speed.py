@@ -21,6 +21,7 @@ Prints one table last and writes ``OUT/gptq_speed.json`` (rewritten after every 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -194,6 +195,13 @@ def floors(cfg: Any, layers: int, n: int, t: int, rates: dict[str, float]) -> di
 # ---------------------------------------------------------------------------------- lowbit runs
 
 
+def gptq_config(act_order: str) -> Any:
+    """lowbit's GPTQConfig: its defaults, or with act-order forced on/off."""
+    from lowbit.methods.gptq import GPTQConfig
+
+    return GPTQConfig() if act_order == "default" else GPTQConfig(act_order=act_order == "on")
+
+
 class TimedMethod:
     """Wraps a block method: per-block timestamps, peak memory of capture vs. the block loop."""
 
@@ -222,14 +230,15 @@ class TimedMethod:
 
 
 def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, offload: bool,
-               cfg: Any, layers: int, rates: dict[str, float], timed: bool = True
+               cfg: Any, layers: int, rates: dict[str, float], timed: bool = True, act_order: str = "default"
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     from lowbit.core.scheme import QuantScheme
     from lowbit.pipeline.blockwise import run_blockwise
     from lowbit.pipeline.gptq import GPTQMethod
 
     timers: dict[str, float] = {}
-    method = TimedMethod(GPTQMethod(QuantScheme(4, 128, True), timers=timers if timed else None), dev)
+    gcfg = gptq_config(act_order)
+    method = TimedMethod(GPTQMethod(QuantScheme(4, 128, True), gcfg, timers=timers if timed else None), dev)
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -262,12 +271,41 @@ def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, 
     ref = s["block_bytes_bf16"] + s["hessian_bytes"]
     peak = max(block_peak, method.capture_peak)
     rec = {"layers": layers, "offload_activations": offload, "phase_timers": timed, "total_s": t1 - t0,
+           "gptq_config": dataclasses.asdict(gcfg),
            "per_layer_s": (t1 - t0) / layers,
            "per_block_s": per_block, "raw_timers": dict(timers), "phases_s": phases,
            "peak_bytes": peak, "peak_capture_bytes": method.capture_peak, "peak_blocks_bytes": block_peak,
            "mem_ref_bytes": ref, "peak_over_ref": peak / ref, "blocks_peak_over_ref": block_peak / ref,
            "floors": floors(cfg, layers, tokens.shape[0], tokens.shape[1], rates)}
     return rec, result
+
+
+def capture_probe(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device) -> dict[str, Any]:
+    """Peak GPU memory of lowbit's ``capture_inputs`` (2 samples; the first probes every block), as
+    ``run_blockwise`` calls it (grad mode on) and under ``torch.no_grad()``."""
+    import contextlib
+
+    from lowbit.models.archs import get_arch
+    from lowbit.pipeline.blockwise import capture_inputs
+
+    spec = get_arch(model)
+    res: dict[str, Any] = {}
+    for mode in ("as called", "no_grad"):
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad() if mode == "no_grad" else contextlib.nullcontext():
+            hidden, kw = capture_inputs(model, tokens[:2], spec, dev, offload=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        res[mode] = {"seconds": time.perf_counter() - t0,
+                     "peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0,
+                     "hidden_requires_grad": bool(hidden[0].requires_grad)}
+        del hidden, kw
+    return res
 
 
 def time_packing(result: dict[str, Any], where: torch.device, blocks: int | None = None) -> dict[str, Any]:
@@ -432,6 +470,10 @@ def main() -> None:
     p.add_argument("--time-budget", type=float, default=540.0,
                    help="skip a further lowbit run of a model when it would likely end past this many seconds")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    p.add_argument("--capture-probe", action="store_true",
+                   help="peak memory of capture_inputs with grad mode on (as run_blockwise calls it) vs no_grad")
+    p.add_argument("--act-order", choices=["default", "on", "off"], default="default",
+                   help="lowbit GPTQConfig.act_order (default: the library's default); llm-compressor uses static")
     p.add_argument("--peer-path", default="", help="prepended to PYTHONPATH of the llm-compressor subprocess")
     p.add_argument("--work", default="/tmp/gptq_speed_work", help="scratch folder (the peer's config + tokenizer)")
     p.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
@@ -448,13 +490,15 @@ def main() -> None:
     import transformers
 
     rep: dict[str, Any] = {"args": vars(a), "torch": torch.__version__, "transformers": transformers.__version__,
+                           "lowbit_gptq_config": dataclasses.asdict(gptq_config(a.act_order)),
                            "python": platform.python_version(),
                            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
 
     def save() -> None:
         (out / "gptq_speed.json").write_text(json.dumps(rep, indent=1, default=str))
 
-    print(f"device {rep['device']}, torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    print(f"device {rep['device']}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"lowbit GPTQConfig {rep['lowbit_gptq_config']}", flush=True)
     t_all = time.perf_counter()
     rates = measure_rates(dev, a.tiny)
     rep["rates"] = rates
@@ -476,6 +520,12 @@ def main() -> None:
         tb = time.perf_counter() - t0
         print(f"\n[lowbit] built {layers}-layer model in {tb:.1f} s "
               f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params)", flush=True)
+        if a.capture_probe:
+            rep.setdefault("capture_probe", {})[layers] = cp = capture_probe(model, tokens, dev)
+            save()
+            for mode, v in cp.items():
+                print(f"[capture probe] {layers} layers, {mode}: {v['seconds']:.2f} s, peak {gib(v['peak_bytes'])}, "
+                      f"hidden requires_grad={v['hidden_requires_grad']}", flush=True)
         runs = [(off, True) for off in modes] + ([(modes[0], False)] if untimed_too else [])
         last = 0.0
         for k, (off, timed) in enumerate(runs):
@@ -486,7 +536,7 @@ def main() -> None:
                 rep.setdefault("skipped", []).append({"layers": layers, "offload": off, "timers": timed})
                 save()
                 continue
-            rec, result = run_lowbit(model, tokens, dev, off, cfg, layers, rates, timed=timed)
+            rec, result = run_lowbit(model, tokens, dev, off, cfg, layers, rates, timed=timed, act_order=a.act_order)
             last = rec["total_s"]
             rec["build_s"] = tb
             rec["note"] = "weights already fake-quantized by the previous run" if k else "fresh random weights"

@@ -130,7 +130,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
     scales = torch.zeros(out, groups, device=W.device)
     zeros = torch.zeros(out, groups, device=W.device)
     col_group = torch.arange(cols, device=W.device) // gs  # group of each original column
-    proc_group = col_group if perm is None else (col_group[perm] if static is not None else col_group)
+    proc_group = (col_group if perm is None or static is None else col_group[perm]).tolist()  # host ints: no syncs
     losses = torch.zeros(out, device=W.device)
     scale = zero = torch.zeros(out, device=W.device)
     qmax = scheme.qmax
@@ -142,7 +142,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            g = int(proc_group[j])
+            g = proc_group[j]
             if static is not None:
                 scale, zero = static[0][:, g], static[1][:, g]
             elif j % gs == 0:  # dynamic group: fit on the current (already updated) columns j .. j+gs

@@ -42,6 +42,11 @@ class _StopForward(Exception):
     """Raised by the capture hook once block 0's input is recorded."""
 
 
+class _StopBlock(Exception):
+    """Raised by a statistics hook once the last input a run needs is seen: the rest of the
+    block is not computed."""
+
+
 class Observer(Protocol):
     def update(self, x: torch.Tensor) -> None:
         """Take a batch of inputs ``x (..., in)`` of one linear."""
@@ -66,7 +71,12 @@ class BlockContext:
         """Run the block over every calibration input (hooks registered on it see each call)."""
         outs = []
         for x in self.inputs:
-            y = self.block(x.to(self.device, non_blocking=True), **self.kwargs)
+            try:
+                y = self.block(x.to(self.device, non_blocking=True), **self.kwargs)
+            except _StopBlock:
+                if keep_outputs:
+                    raise
+                continue
             y = y[0] if isinstance(y, tuple) else y
             if keep_outputs:
                 outs.append(_to_home(y, x.device))
@@ -91,11 +101,18 @@ def collect(ctx: BlockContext, make: Callable[[str, nn.Linear], Observer],
     to the next block unchanged (``ctx.outputs_ready``): one forward per block instead of two,
     for methods whose statistics should come from the float model (llama.cpp's imatrix does).
     """
-    obs = {n: make(n, ctx.linears[n]) for n in (names or list(ctx.linears))}
-    handles = [
-        ctx.linears[n].register_forward_pre_hook(lambda m, args, o=o: o.update(args[0]))
-        for n, o in obs.items()
-    ]
+    order = [n for n in ctx.linears if n in set(names or ctx.linears)]  # execution order
+    obs = {n: make(n, ctx.linears[n]) for n in order}
+    last = order[-1]
+
+    def hook(name: str, o: Observer) -> Callable[..., None]:
+        def fn(m: nn.Module, args: tuple) -> None:
+            o.update(args[0])
+            if name == last and not keep_outputs:
+                raise _StopBlock  # nothing after this input is needed for this run
+        return fn
+
+    handles = [ctx.linears[n].register_forward_pre_hook(hook(n, o)) for n, o in obs.items()]
     try:
         ctx.run(keep_outputs=keep_outputs)
         ctx.outputs_ready = keep_outputs
@@ -123,7 +140,6 @@ def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device) ->
             t.data = t.data.to(device)
 
 
-@torch.inference_mode()
 def _to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
     """``t`` moved to ``home``; CPU copies of CUDA tensors go to pinned memory, asynchronously
     (later reads are uploads on the same stream, which CUDA orders after the copy)."""
@@ -135,6 +151,7 @@ def _to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
     return t.to(home)
 
 
+@torch.inference_mode()
 def capture_inputs(model: nn.Module, tokens: torch.Tensor, spec: ArchSpec, device: torch.device,
                    offload: bool = False) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """Inputs of block 0 for every sample ``tokens (n, T)``, and the kwargs of every block.
@@ -214,7 +231,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
     else:
         hidden, kwargs = [], [{} for _ in blocks]
     result: dict[str, QuantizedWeight] = {}
-    with Progress(disable=not progress, transient=True) as bar:
+    with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(f"quantizing {len(blocks)} blocks", total=len(blocks))
         for i, block in enumerate(blocks):
             with _onload(block, dev):
