@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ import torch
 from lowbit.core.errors import SchemeError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
+from lowbit.methods.gptq_block import run_block_columns
 from lowbit.methods.rtn import fit_groups
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class GPTQConfig:
     static_groups: bool = True
     search: bool = False
     max_damp_tries: int = 8
+    cuda_graphs: bool = True  # replay the column loop of static-group blocks as CUDA graphs on GPUs
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
@@ -78,21 +81,29 @@ def _sync_time(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, tries: int, name: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1``, raising ``lambda`` until it succeeds."""
-    mean_diag = float(torch.mean(torch.diag(H)))
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+def _inverse_cholesky_(Hw: torch.Tensor, source: Callable[[], None] | None, mean_diag: float, damp: float,
+                       tries: int, name: str) -> float:
+    """Turn ``Hw`` in place into the upper Cholesky factor ``U`` of ``(Hw + lambda I)^-1``.
+
+    ``lambda = damp * mean(diag H)``, multiplied by 10 after each failed factorisation (``refill``
+    restores ``Hw`` first). Working in place keeps one ``in x in`` buffer instead of five.
+    Returns the damping fraction that succeeded.
+    """
+    info = torch.empty((), dtype=torch.int32, device=Hw.device)
     for attempt in range(tries):
         frac = damp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + frac * mean_diag * eye)
+        if attempt and source is not None:
+            source()
+        Hw.diagonal().add_(frac * mean_diag)
+        torch.linalg.cholesky_ex(Hw, out=(Hw, info))
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
+            torch.cholesky_inverse(Hw, out=Hw)
+            torch.linalg.cholesky_ex(Hw, upper=True, out=(Hw, info))
+            if int(info) == 0 and bool(torch.isfinite(Hw.diagonal()).all()):
                 if attempt:
                     log.warning("%s: Hessian not positive definite at damp %.3g; succeeded with damp %.3g",
                                 name, damp, frac)
-                return U, frac
+                return frac
     raise SchemeError(f"{name}: the Hessian stays singular up to damp {damp * 10 ** (tries - 1):.3g}; "
                       "use more (or more varied) calibration samples")
 
@@ -110,27 +121,38 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
     groups = scheme.n_groups(cols)
     gs = cols // groups
     W = weight.detach().to(torch.float32).clone()
-    H = H.to(device=W.device, dtype=torch.float32).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    H = H.to(device=W.device, dtype=torch.float32)  # the caller's: read, never modified
+    diag = torch.diagonal(H)
+    dead = diag == 0
     W[:, dead] = 0
+    mean_diag = float(torch.where(dead, torch.ones_like(diag), diag).mean())
 
     static: tuple[torch.Tensor, torch.Tensor] | None = None
     if scheme.group_size is None or cfg.static_groups:  # fitted once, on the original weights
         s, z, _ = fit_groups(W.reshape(out, groups, gs), scheme, search=cfg.search, scale_dtype=scale_dtype)
         static = (s[..., 0], z[..., 0])  # (out, G)
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else None
+    perm = torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True) if cfg.act_order else None
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+    dead_p = dead if perm is None else dead[perm]
+
+    def refill() -> None:  # the working copy of H, in processing order, dead columns set to 1
+        Hw.copy_(H if perm is None else H[perm][:, perm])
+        Hw.diagonal()[dead_p] = 1
+
+    Hw = torch.empty_like(H)
+    refill()
     t0 = _sync_time(W.device)
-    U, damp = _inverse_cholesky(H, cfg.damp, cfg.max_damp_tries, name)
+    damp = _inverse_cholesky_(Hw, refill, mean_diag, cfg.damp, cfg.max_damp_tries, name)
+    U = Hw
     t1 = _sync_time(W.device)
 
     codes = torch.zeros_like(W)
     scales = torch.zeros(out, groups, device=W.device)
     zeros = torch.zeros(out, groups, device=W.device)
     col_group = torch.arange(cols, device=W.device) // gs  # group of each original column
-    proc_group = (col_group if perm is None or static is None else col_group[perm]).tolist()  # host ints: no syncs
+    proc = col_group if perm is None or static is None else col_group[perm]
+    proc_group = proc.tolist()  # host ints: no device syncs in the loop
     losses = torch.zeros(out, device=W.device)
     scale = zero = torch.zeros(out, device=W.device)
     qmax = scheme.qmax
@@ -140,24 +162,27 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            g = proc_group[j]
-            if static is not None:
-                scale, zero = static[0][:, g], static[1][:, g]
-            elif j % gs == 0:  # dynamic group: fit on the current (already updated) columns j .. j+gs
-                cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs].unsqueeze(1)
-                s, z, _ = fit_groups(cur, scheme, search=cfg.search, scale_dtype=scale_dtype)
-                scale, zero = s[:, 0, 0], z[:, 0, 0]
-                scales[:, g], zeros[:, g] = scale, zero
-            w = W1[:, i]
-            d = U1[i, i]
-            q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
-            codes[:, j] = q
-            err = (w - scale * (q - zero)) / d
-            losses += err.square() / 2
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        if static is not None:  # fixed per-column parameters: one (graph-replayable) call per block
+            Q1 = torch.empty_like(W1)
+            idx = proc[i1:i2]
+            run_block_columns(W1, U1, static[0][:, idx], static[1][:, idx], qmax, Q1, Err1, cfg.cuda_graphs)
+            codes[:, i1:i2] = Q1
+        else:
+            for i in range(i2 - i1):
+                j = i1 + i
+                g = proc_group[j]
+                if j % gs == 0:  # dynamic group: fit on the current (already updated) columns j .. j+gs
+                    cur = torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :gs].unsqueeze(1)
+                    s, z, _ = fit_groups(cur, scheme, search=cfg.search, scale_dtype=scale_dtype)
+                    scale, zero = s[:, 0, 0], z[:, 0, 0]
+                    scales[:, g], zeros[:, g] = scale, zero
+                w = W1[:, i]
+                q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
+                codes[:, j] = q
+                err = (w - scale * (q - zero)) / U1[i, i]
+                W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+        losses += Err1.square().sum(1) / 2
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
     if timers is not None:
