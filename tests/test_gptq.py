@@ -164,3 +164,12 @@ def test_act_order_static_artifact_loads_in_transformers(tmp_path):
     ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)
+
+
+def test_hessian_weighted_clipping_search_helps():
+    w, x = _layer(seed=11)
+    H = _hessian(x)
+    s = QuantScheme(3, 32, True)
+    plain, _ = gptq_quantize(w, H, s, GPTQConfig(search=False))
+    searched, _ = gptq_quantize(w, H, s, GPTQConfig(search=True))
+    assert _out_err(w, searched, x) < _out_err(w, plain, x)

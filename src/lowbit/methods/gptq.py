@@ -22,7 +22,8 @@ Options: ``act_order`` quantizes columns in order of decreasing ``H_jj``. With `
 before any update, so the checkpoint keeps the plain group layout (compressed-tensors
 ``actorder: weight``); without it groups follow the permuted order and the layer carries a group
 index ``g_idx`` (``actorder: group``). ``search`` fits each group's clipping range by the MSE
-search of :func:`lowbit.methods.rtn.fit_groups`.
+search of :func:`lowbit.methods.rtn.fit_groups`, with static groups weighted by ``H_jj`` (the
+error of column ``j`` costs ``H_jj`` in the layer output, to first order).
 
 Shapes: ``W (out, in)``, ``H (in, in)`` float32, groups along ``in``.
 """
@@ -129,7 +130,11 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
 
     static: tuple[torch.Tensor, torch.Tensor] | None = None
     if scheme.group_size is None or cfg.static_groups:  # fitted once, on the original weights
-        s, z, _ = fit_groups(W.reshape(out, groups, gs), scheme, search=cfg.search, scale_dtype=scale_dtype)
+        a = None
+        if cfg.search:  # clipping search weighted by H_jj = 2 E[x_j^2], as importance-weighted RTN does
+            a = torch.where(dead, torch.zeros_like(diag), diag) / mean_diag + 1e-6
+            a = a.reshape(1, groups, gs)
+        s, z, _ = fit_groups(W.reshape(out, groups, gs), scheme, a, search=cfg.search, scale_dtype=scale_dtype)
         static = (s[..., 0], z[..., 0])  # (out, G)
     perm = torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True) if cfg.act_order else None
     if perm is not None:
