@@ -16,7 +16,11 @@ layer of that shape (inputs copied into the graph's buffers, outputs copied out)
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def block_columns(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
@@ -65,12 +69,13 @@ class _Graphed:
 
 _GRAPHS: dict[tuple[int, int, int, str], _Graphed] = {}
 _MAX_GRAPHS = 16
+_BROKEN: set[str] = set()  # devices where capture failed: eager from then on
 
 
 def run_block_columns(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int,
                       Q1: torch.Tensor, Err1: torch.Tensor, graphs: bool = True) -> None:
     """:func:`block_columns`, through a cached CUDA graph when ``W1`` is on a GPU and ``graphs``."""
-    if not graphs or W1.device.type != "cuda":
+    if not graphs or W1.device.type != "cuda" or str(W1.device) in _BROKEN:
         block_columns(W1, U1, scale, zero, qmax, Q1, Err1)
         return
     key = (W1.shape[0], W1.shape[1], qmax, str(W1.device))
@@ -78,5 +83,11 @@ def run_block_columns(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, z
     if g is None:
         if len(_GRAPHS) >= _MAX_GRAPHS:
             _GRAPHS.clear()
-        g = _GRAPHS[key] = _Graphed(W1.shape[0], W1.shape[1], qmax, W1.device)
+        try:
+            g = _GRAPHS[key] = _Graphed(W1.shape[0], W1.shape[1], qmax, W1.device)
+        except RuntimeError as e:  # e.g. a capture-unsafe allocator setting: stay correct, run eagerly
+            log.warning("CUDA graph capture of the GPTQ column loop failed (%s); running it eagerly", e)
+            _BROKEN.add(str(W1.device))
+            block_columns(W1, U1, scale, zero, qmax, Q1, Err1)
+            return
     g(W1, U1, scale, zero, Q1, Err1)
