@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="lowbit GPTQ with act-order, static groups (default, as llm-compressor's default)")
+    p.add_argument("--search", action="store_true", help="lowbit GPTQ with the H-weighted clipping search")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
     p.add_argument("--out", default="bench/results/gptq")
     a = p.parse_args()
@@ -66,7 +67,7 @@ def main() -> None:
                 work = copy.deepcopy(ref)
                 res = quantize_loaded(work, scheme, out / name / f"{sname}-{method}", method=method, calib="c4",
                                       calib_samples=a.calib_samples, calib_len=a.calib_len, force=True,
-                                      progress=False, gptq=GPTQConfig(act_order=a.act_order))
+                                      progress=False, gptq=GPTQConfig(act_order=a.act_order, search=a.search))
                 del work
                 models[f"lowbit-{method}"] = load_quantized(res.path)[0]
                 secs[f"lowbit-{method}"] = res.seconds
