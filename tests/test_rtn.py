@@ -60,12 +60,14 @@ def test_importance_lowers_weighted_error():
 
 
 def test_scales_are_rounded_to_storage_dtype():
-    """Codes are chosen against the stored (bf16) scales, so the half-step bound holds for them."""
+    """Codes are chosen against the stored (bf16) scales: the half-step bound holds for them, up to
+    the grid shrinking by the scale's rounding (relative 2^-9 at most, times qmax steps)."""
     w = _w()
     qw = quantize_rtn(w, QuantScheme(4, 32, False), scale_dtype=torch.bfloat16)
     assert qw.scales.dtype == torch.bfloat16
     step = qw.scales.float()[:, qw.group_index()]
-    assert bool(((qw.dequantize() - w).abs() <= step / 2 * (1 + 1e-4)).all())
+    bound = step / 2 + step * 15 * 2**-9
+    assert bool(((qw.dequantize() - w).abs() <= bound * (1 + 1e-4)).all())
 
 
 def test_bad_inputs():

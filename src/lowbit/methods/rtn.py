@@ -36,12 +36,14 @@ from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 
 
-def _round_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``scale`` in ``dtype``, rounded up where rounding to nearest would shrink it (so the grid of
-    a min/max scale still spans the group's range), returned as float32."""
-    r = scale.to(dtype)
-    r = torch.where(r.float() < scale, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
-    return r.float()
+def _round(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` rounded to nearest in its storage ``dtype``, returned as float32.
+
+    (Rounding *up* instead, so that a min/max grid always spans its group, was measured worse:
+    SmolLM2 W4A16 g64 RTN, KLD 0.486 against 0.428 -- the extreme weights lose more than the
+    slightly finer grid gains.)
+    """
+    return scale.to(dtype).float()
 
 
 def _params(w: torch.Tensor, scheme: QuantScheme, p: float, scale_dtype: torch.dtype
@@ -53,12 +55,12 @@ def _params(w: torch.Tensor, scheme: QuantScheme, p: float, scale_dtype: torch.d
         scale = 2 * amax / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.full_like(scale, float(scheme.sym_zero))
-        scale = _round_up(scale, scale_dtype)
+        scale = _round(scale, scale_dtype)
     else:
         lo = w.amin(-1, keepdim=True).clamp(max=0) * p
         hi = w.amax(-1, keepdim=True).clamp(min=0) * p
         scale = (hi - lo) / qmax
-        scale = _round_up(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
+        scale = _round(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
         zero = torch.round(-lo / scale).clamp(0, qmax)
     return scale, zero
 
