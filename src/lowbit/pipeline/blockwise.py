@@ -158,17 +158,26 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, spec: ArchSpec, devic
 
     With ``offload`` the activations are kept in (pinned) CPU memory and visit the device one
     sample at a time: device memory then holds no ``n x T x hidden`` activations at all.
+
+    Models whose config names several ``layer_types`` (sliding and full attention: Gemma 3,
+    Qwen2 / Mistral with sliding windows) pass each block its own masks and rotary embeddings:
+    their first sample runs the whole model once to record them. Otherwise every block receives
+    block 0's kwargs and no sample goes past block 0.
     """
     blocks = get_blocks(model, spec)
     hidden: list[torch.Tensor] = []
     kwargs: list[dict[str, Any]] = [{} for _ in blocks]
-    probing = True
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
+    per_layer = len(set(layer_types)) > 1
+    probing = per_layer
 
     def pre(i: int) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
             if i == 0:
                 h = args[0] if args else kw["hidden_states"]
                 hidden.append(_to_home(h, torch.device("cpu")) if offload else h)
+                if not kwargs[0]:
+                    kwargs[0] = {k: v for k, v in kw.items() if k != "hidden_states"}
             if probing:
                 kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
                 if device.type != "cpu":
@@ -195,6 +204,8 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, spec: ArchSpec, devic
         for h in handles:
             h.remove()
         _move_outside_blocks(model, spec.blocks, torch.device("cpu"))
+    if not per_layer:
+        kwargs = [kwargs[0]] * len(blocks)
     for kw in kwargs:
         kw.pop("past_key_values", None)
         kw.pop("past_key_value", None)
