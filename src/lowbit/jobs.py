@@ -28,7 +28,7 @@ from lowbit.models.loader import LoadedModel, load_model, model_size_bytes
 from lowbit.pipeline.distributed import shard, world
 from lowbit.pipeline.estimate import check_fits, estimate_run
 from lowbit.pipeline.gptq import GPTQMethod
-from lowbit.pipeline.quantize import METHODS, make_method, quantize_model
+from lowbit.pipeline.quantize import METHODS, check_group_size, make_method, named_linears, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, me
     gptq = gptq or GPTQConfig(search=search)
     block_method = make_method(method, scheme, search=search, scale_dtype=store, gptq=gptq,
                                true_sequential=true_sequential, hessians_on_cpu=hessians_on_cpu)
+    spec = get_arch(lm.model)
+    check_group_size(scheme, named_linears(lm.model, spec))  # before any calibration work
     tokens = None
     calib_info: dict[str, Any] = {}
     if block_method.needs_calibration:
@@ -88,7 +90,7 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, me
         texts = resolve_calib_texts(calib)
         tokens = shard(calibration_tokens(lm.tokenizer, texts, calib_samples, calib_len, seed=seed))
         calib_info = {"calib": calib, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed}
-        est = estimate_run(lm.model, get_arch(lm.model), block_method, tokens.shape[0], calib_len,
+        est = estimate_run(lm.model, spec, block_method, tokens.shape[0], calib_len,
                            torch.device(device), offload=offload_activations)
         log.info(est.describe())
         check_fits(est, torch.device(device))
@@ -115,8 +117,8 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, me
     if size > 1:
         recipe["world_size"] = size
     if rank == 0:
-        path = save_quantized(lm.model, qweights, out, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
-                              overwrite=force, actorder=actorder)
+        save_quantized(lm.model, qweights, out, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
+                       overwrite=force, actorder=actorder)
     if size > 1:
         torch.distributed.barrier()
     path = Path(out)

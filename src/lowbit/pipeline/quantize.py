@@ -14,7 +14,7 @@ from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.methods.rtn import quantize_rtn
-from lowbit.models.archs import block_linears, get_arch, get_blocks
+from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks
 from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect, run_blockwise
 from lowbit.pipeline.distributed import sum_weighted
 from lowbit.pipeline.gptq import GPTQMethod
@@ -97,7 +97,13 @@ def make_method(name: str, scheme: QuantScheme, *, search: bool = False,
     raise SchemeError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
 
 
-def check_group_size(model: nn.Module, scheme: QuantScheme, names: list[tuple[str, nn.Linear]]) -> None:
+def named_linears(model: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Linear]]:
+    """``(full name, linear)`` of every quantizable linear of every block, in order."""
+    return [(f"{spec.blocks}.{i}.{n}", lin) for i, b in enumerate(get_blocks(model, spec))
+            for n, lin in block_linears(b, spec, i).items()]
+
+
+def check_group_size(scheme: QuantScheme, names: list[tuple[str, nn.Linear]]) -> None:
     """Refuse, before any work, a group size that does not divide some linear's input dimension."""
     for name, lin in names:
         try:
@@ -116,8 +122,7 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, method: str | BlockMet
     :class:`~lowbit.pipeline.gptq.GPTQMethod`).
     """
     spec = get_arch(model)
-    named = [(f"{spec.blocks}.{i}.{n}", lin) for i, b in enumerate(get_blocks(model, spec))
-             for n, lin in block_linears(b, spec, i).items()]
-    check_group_size(model, scheme, named)
+    named = named_linears(model, spec)
+    check_group_size(scheme, named)
     m = make_method(method, scheme, search=search, scale_dtype=scale_dtype) if isinstance(method, str) else method
     return run_blockwise(model, m, tokens, device=device, progress=progress, offload_activations=offload_activations)
