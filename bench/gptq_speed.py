@@ -42,6 +42,15 @@ SEED = 1234
 # ----------------------------------------------------------------------------------------- model
 
 
+def _fresh_peak(dev: torch.device) -> None:
+    """Free what can be freed and restart the device's peak-memory counter before a timed run."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        torch.cuda.synchronize(dev)
+
+
 def llama3_8b_config(layers: int, tiny: bool) -> Any:
     from transformers import LlamaConfig
 
@@ -239,11 +248,7 @@ def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, 
     timers: dict[str, float] = {}
     gcfg = gptq_config(act_order)
     method = TimedMethod(GPTQMethod(QuantScheme(4, 128, True), gcfg, timers=timers if timed else None), dev)
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        torch.cuda.synchronize(dev)
+    _fresh_peak(dev)
     t0 = time.perf_counter()
     result = run_blockwise(model, method, tokens, device=dev, progress=False, offload_activations=offload)
     if dev.type == "cuda":
@@ -291,11 +296,7 @@ def capture_probe(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.devic
     spec = get_arch(model)
     res: dict[str, Any] = {}
     for mode in ("as called", "no_grad"):
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-            torch.cuda.synchronize(dev)
+        _fresh_peak(dev)
         t0 = time.perf_counter()
         with torch.no_grad() if mode == "no_grad" else contextlib.nullcontext():
             hidden, kw = capture_inputs(model, tokens[:2], spec, dev, offload=True)
