@@ -9,6 +9,7 @@ from lowbit.core.errors import FormatError, LowbitError
 from lowbit.core.qlinear import QuantLinear
 from lowbit.core.scheme import QuantScheme
 from lowbit.formats import compressed_tensors as ct
+from lowbit.formats import hf_folder
 from lowbit.pipeline.quantize import quantize_model
 
 SCHEMES = [QuantScheme(4, 32), QuantScheme(4, 32, False), QuantScheme(3, 32), QuantScheme(8, None),
@@ -113,7 +114,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ct, "save_file", boom)
+    monkeypatch.setattr(hf_folder, "save_file", boom)
     with pytest.raises(OSError):
         ct.save_quantized(model, qws, out)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]

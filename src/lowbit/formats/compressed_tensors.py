@@ -16,29 +16,35 @@ writes; for 2, 4 and 8 bits it equals the older per-word packing, which every ve
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.core.errors import FormatError
-from lowbit.core.io import atomic_dir, write_json_atomic
 from lowbit.core.packing import pack_int32, unpack_int32
 from lowbit.core.qlinear import QuantLinear
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
+from lowbit.formats.hf_folder import (
+    RECIPE_FILE,
+    check_linears,
+    empty_model,
+    finish_load,
+    model_tensors,
+    read_config,
+    read_tensors,
+    replace_module,
+    write_hf_folder,
+)
 
 log = logging.getLogger(__name__)
 
 CT_FORMAT = "pack-quantized"
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writer follows
-RECIPE_FILE = "lowbit_recipe.json"
-SHARD_BYTES = 4 * 2**30
+__all__ = ["RECIPE_FILE", "load_quantized", "save_quantized", "read_scheme", "pack_tensors", "unpack_tensors"]
 
 
 def quantization_config(scheme: QuantScheme, ignore: list[str], actorder: str | None = None) -> dict[str, Any]:
@@ -106,75 +112,13 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
     scheme = next(iter(schemes))
     if any(qw.g_idx is not None for qw in qweights.values()):
         actorder = "group"
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | QuantLinear)}
-    missing = set(qweights) - linears
-    if missing:
-        raise FormatError(f"quantized weights for modules the model does not have: {sorted(missing)[:3]}")
-    ignore = sorted(linears - set(qweights))
-    tensors: dict[str, torch.Tensor] = {}
-    sd = model.state_dict()
-    skip = {f"{n}.{k}" for n in qweights for k in ("weight", "weight_packed", "weight_scale",
-                                                    "weight_zero", "weight_g_idx")}
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        skip.add("lm_head.weight")
-    for k, v in sd.items():
-        if k not in skip:
-            tensors[k] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
+    ignore = check_linears(model, qweights)
+    tensors = model_tensors(model, qweights, dtype)
     for n, qw in qweights.items():
         tensors.update(pack_tensors(n, qw, dtype))
-    model_config: Any = model.config
-    config = model_config.to_dict()
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    config["quantization_config"] = quantization_config(scheme, ignore, actorder)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        _write_shards(tensors, tmp)
-        write_json_atomic(tmp / "config.json", config)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / RECIPE_FILE, {"scheme": scheme.to_dict(), **(recipe or {})})
-    return Path(out_dir)
-
-
-def _write_shards(tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * v.element_size()
-        if size + nbytes > SHARD_BYTES and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata=meta)
-        weight_map.update({k: fname for k in shard})
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    write_json_atomic(folder / "model.safetensors.index.json",
-                      {"metadata": {"total_size": total}, "weight_map": weight_map})
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors files; a corrupt file is a FormatError naming it."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FormatError(f"{folder} holds no .safetensors file; is it a model folder?")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            out.update(load_file(str(f)))
-        except (SafetensorError, OSError) as e:
-            raise FormatError(f"{f} is corrupt or truncated ({e}); re-export the model") from e
-    return out
+    return write_hf_folder(model, tensors, out_dir, quantization_config=quantization_config(scheme, ignore, actorder),
+                           dtype=dtype, tokenizer=tokenizer, recipe={"scheme": scheme.to_dict(), **(recipe or {})},
+                           overwrite=overwrite)
 
 
 def read_scheme(config: dict[str, Any]) -> tuple[QuantScheme, dict[str, Any]]:
@@ -201,47 +145,19 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, cache: 
     Non-quantized tensors are cast to ``dtype``; scales stay in their stored dtype. With ``cache``
     each layer keeps its dequantized weight after the first forward (fast repeated evaluation).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers < 5
-        from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef,attr-defined]
-
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FormatError(f"{folder} has no config.json; pass the folder written by `lowbit quantize`")
-    raw = json.loads((folder / "config.json").read_text())
-    scheme, qc = read_scheme(raw)
-    cfg = AutoConfig.from_pretrained(folder)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
+    scheme, _ = read_scheme(read_config(folder))
     tensors = read_tensors(folder)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = empty_model(folder, dtype)
     names = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")})
     for name in names:
-        lin = model.get_submodule(name)
         qw = unpack_tensors(name, tensors, scheme)
         bias = tensors.get(f"{name}.bias")
         q = QuantLinear.from_qweight(qw, bias, dtype=tensors[f"{name}.weight_scale"].dtype)
         q.cache = cache
         if bias is not None and q.bias is not None:
             q.bias.data = bias.to(dtype)
-        parent, _, child = name.rpartition(".")
-        model.get_submodule(parent).register_module(child, q)
+        replace_module(model, name, q)
         for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "bias"):
             tensors.pop(f"{name}.{k}", None)
-        del lin
-    result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
-                                   strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith(("weight_zero", "weight_g_idx"))
-               and not (k == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False))
-               and k.rsplit(".", 1)[0] not in names]
-    if missing or result.unexpected_keys:
-        raise FormatError(f"{folder}: checkpoint does not match the model: missing {missing[:5]}, "
-                          f"unexpected {result.unexpected_keys[:5]}")
-    if getattr(cfg, "tie_word_embeddings", False):
-        model.tie_weights()
-    model.eval()
-    return model, scheme
+    return finish_load(model, tensors, names, folder, dtype), scheme
