@@ -9,12 +9,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
 from lowbit import __version__
+from lowbit.core.dtypes import DT_PRESETS, get_dt_scheme, is_datatype_scheme
 from lowbit.core.errors import LowbitError
 from lowbit.core.io import write_json_atomic
 from lowbit.core.scheme import PRESETS, get_scheme
@@ -43,14 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and write a compressed-tensors folder")
     q.add_argument("model", help="offline source name, model folder, .gguf file or hub id")
-    q.add_argument("--scheme", required=True, help=f"one of {', '.join(PRESETS)}")
+    q.add_argument("--scheme", required=True, help=f"one of {', '.join([*PRESETS, *DT_PRESETS])}")
     q.add_argument("--group-size", type=int, default=None,
-                   help="group size; -1 for per-channel (default: the preset's)")
+                   help="group size; -1 for per-channel (default: the preset's); NF4/FP4: absmax block "
+                        "(default 64); FP8: N for NxN weight blocks (default per-channel)")
     q.add_argument("--method", default="rtn", choices=["rtn", "imatrix-rtn", "gptq"])
     q.add_argument("--mse", action="store_true", help="search the clipping range of each group (MSE)")
     q.add_argument("--calib", default=None, help="calibration: c4 | c4:PATH | python-docs | PATH (default c4)")
     q.add_argument("--calib-samples", type=int, default=128)
     q.add_argument("--calib-len", type=int, default=None, help="tokens per sample (default: 2048 gptq, 512 else)")
+    d = q.add_argument_group("data types (NF4, FP4, INT8-LLM, FP8, FP8_DYNAMIC)")
+    d.add_argument("--double-quant", action="store_true", help="NF4/FP4: quantize the absmax values to 8 bits")
+    d.add_argument("--threshold", type=float, default=None, help="INT8-LLM: activation outlier threshold (6.0)")
     g = q.add_argument_group("GPTQ")
     g.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize columns by decreasing Hessian diagonal (default on, static groups)")
@@ -114,7 +120,17 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from lowbit.jobs import DTYPES, quantize
 
     kw = {} if a.group_size is None else {"group_size": a.group_size}
-    scheme = get_scheme(a.scheme, **kw)
+    scheme: Any
+    if is_datatype_scheme(a.scheme):
+        if a.method != "rtn":
+            raise LowbitError(f"{a.scheme} is a data-type scheme: it has its own rounding, so --method "
+                              f"{a.method} does not apply; drop --method")
+        scheme = get_dt_scheme(a.scheme, **({} if a.group_size is None else {"block_size": a.group_size}),
+                               double_quant=a.double_quant or None, threshold=a.threshold)
+    else:
+        if a.double_quant or a.threshold is not None:
+            raise LowbitError("--double-quant and --threshold apply to the data-type schemes (NF4/FP4, INT8-LLM)")
+        scheme = get_scheme(a.scheme, **kw)
     from lowbit.methods.gptq import GPTQConfig
 
     gptq = GPTQConfig(damp=a.damp, block_size=a.block_size, act_order=a.act_order,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowbit import __version__
+from lowbit.core.dtypes import DataTypeScheme
 from lowbit.core.errors import DataError, LowbitError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
@@ -38,7 +39,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 @dataclass
 class QuantizeResult:
     path: Path
-    scheme: QuantScheme
+    scheme: QuantScheme | DataTypeScheme
     method: str
     seconds: float
     size_bytes: int
@@ -68,13 +69,16 @@ def default_calib() -> str:
         return "python-docs"
 
 
-def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, method: str = "rtn",
+def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: str | Path, *, method: str = "rtn",
                     calib: str | None = None, calib_samples: int = 128, calib_len: int = 512,
                     search: bool = False, dtype: torch.dtype | None = None, device: str = "cpu",
                     force: bool = False, seed: int = 0, progress: bool = True,
                     gptq: GPTQConfig | None = None, true_sequential: bool = True,
                     hessians_on_cpu: bool = False, offload_activations: bool = False) -> QuantizeResult:
     """Quantize an already loaded model (modified in place) and write the artifact to ``out``."""
+    if isinstance(scheme, DataTypeScheme):
+        return _quantize_datatype(lm, scheme, out, calib=calib, calib_samples=calib_samples, calib_len=calib_len,
+                                  dtype=dtype, device=device, force=force, seed=seed, progress=progress)
     if method not in METHODS:
         raise LowbitError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     store = dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
@@ -127,7 +131,50 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, me
                           len(qweights), kept)
 
 
-def quantize(model: str, scheme: QuantScheme, out: str | Path, **kw: Any) -> QuantizeResult:
+def _quantize_datatype(lm: LoadedModel, scheme: DataTypeScheme, out: str | Path, *, calib: str | None,
+                       calib_samples: int, calib_len: int, dtype: torch.dtype | None, device: str, force: bool,
+                       seed: int, progress: bool) -> QuantizeResult:
+    """NF4/FP4/LLM.int8 to a bitsandbytes folder, FP8 to a compressed-tensors float-quantized folder."""
+    from lowbit.formats.bitsandbytes import save_bnb
+    from lowbit.formats.ct_float import save_fp8
+    from lowbit.pipeline.datatypes import DataTypeMethod
+
+    store = dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
+    method = DataTypeMethod(scheme, scale_dtype=store)
+    tokens = None
+    calib_info: dict[str, Any] = {}
+    if method.needs_calibration:
+        calib = calib or default_calib()
+        tokens = shard(calibration_tokens(lm.tokenizer, resolve_calib_texts(calib), calib_samples, calib_len,
+                                          seed=seed))
+        calib_info = {"calib": calib, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed}
+    t0 = time.perf_counter()
+    weights: dict[str, Any] = quantize_model(lm.model, None, method, tokens=tokens,  # type: ignore[arg-type]
+                                             device=device, progress=progress)
+    seconds = time.perf_counter() - t0
+    recipe: dict[str, Any] = {"lowbit_version": __version__, "method": scheme.dtype, "source_model": str(lm.path),
+                              "storage_dtype": str(store).removeprefix("torch."),
+                              "quantize_seconds": round(seconds, 2), **calib_info}
+    if method.outlier_columns:
+        recipe["int8_outlier_columns"] = method.outlier_columns
+        log.info("LLM.int8: %d calibrated outlier columns over %d layers (threshold %g)",
+                 sum(method.outlier_columns.values()), len(method.outlier_columns), scheme.threshold)
+    rank, size = world()
+    if rank == 0:
+        save = save_fp8 if scheme.dtype == "fp8_e4m3" else save_bnb
+        save(lm.model, weights, out, scheme=scheme, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
+             overwrite=force)
+    if size > 1:
+        torch.distributed.barrier()
+    path = Path(out)
+    kept = sorted(n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in weights)
+    total = sum(w.shape[0] * w.shape[1] for w in weights.values())
+    bpw = sum(w.shape[0] * w.shape[1] * scheme.bits_per_weight(w.shape[1], w.shape[0])
+              for w in weights.values()) / max(total, 1)
+    return QuantizeResult(path, scheme, scheme.dtype, seconds, model_size_bytes(path), bpw, len(weights), kept)
+
+
+def quantize(model: str, scheme: QuantScheme | DataTypeScheme, out: str | Path, **kw: Any) -> QuantizeResult:
     """Load ``model`` (source name, folder, GGUF or hub id), quantize it, write ``out``."""
     device = kw.get("device", "cpu")
     # weights live on the CPU and visit the device block by block: bf16 compute on accelerators
@@ -135,12 +182,38 @@ def quantize(model: str, scheme: QuantScheme, out: str | Path, **kw: Any) -> Qua
     return quantize_loaded(lm, scheme, out, **kw)
 
 
-def is_quantized_artifact(path: str | Path) -> bool:
+def artifact_kind(path: str | Path) -> str | None:
+    """``pack-quantized``, ``float8`` (compressed-tensors), ``bitsandbytes`` or None."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
-        return False
-    qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "compressed-tensors"
+        return None
+    config = json.loads(cfg.read_text())
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") == "bitsandbytes":
+        return "bitsandbytes"
+    if qc.get("quant_method") == "compressed-tensors":
+        from lowbit.formats.ct_float import is_fp8_artifact
+
+        return "float8" if is_fp8_artifact(config) else "pack-quantized"
+    return None
+
+
+def is_quantized_artifact(path: str | Path) -> bool:
+    return artifact_kind(path) is not None
+
+
+def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A lowbit artifact folder of any format, with lowbit's runtime modules."""
+    kind = artifact_kind(path)
+    if kind == "bitsandbytes":
+        from lowbit.formats.bitsandbytes import load_bnb
+
+        return load_bnb(path, dtype=dtype)[0]
+    if kind == "float8":
+        from lowbit.formats.ct_float import load_fp8
+
+        return load_fp8(path, dtype=dtype)[0]
+    return load_quantized(path, dtype=dtype)[0]
 
 
 def load_any(spec: str | Path) -> tuple[nn.Module, Any]:
@@ -148,8 +221,7 @@ def load_any(spec: str | Path) -> tuple[nn.Module, Any]:
     if is_quantized_artifact(spec):
         from transformers import AutoTokenizer
 
-        model, _ = load_quantized(spec, dtype=torch.float32)
-        return model, AutoTokenizer.from_pretrained(str(spec))
+        return load_artifact(spec), AutoTokenizer.from_pretrained(str(spec))
     lm = load_model(str(spec))
     return lm.model, lm.tokenizer
 

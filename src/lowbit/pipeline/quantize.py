@@ -112,17 +112,24 @@ def check_group_size(scheme: QuantScheme, names: list[tuple[str, nn.Linear]]) ->
             raise SchemeError(f"{name}: {e}") from None
 
 
-def quantize_model(model: nn.Module, scheme: QuantScheme, method: str | BlockMethod = "rtn", *,
+def quantize_model(model: nn.Module, scheme: QuantScheme | None, method: str | BlockMethod = "rtn", *,
                    tokens: torch.Tensor | None = None, search: bool = False, device: str = "cpu",
                    scale_dtype: torch.dtype = torch.bfloat16, progress: bool = True,
                    offload_activations: bool = False) -> dict[str, QuantizedWeight]:
     """Quantize the decoder linears of ``model`` in place (fake-quant) and return their packed form.
 
     ``method`` is a name of :data:`METHODS` or a ready :class:`BlockMethod` (e.g. a configured
-    :class:`~lowbit.pipeline.gptq.GPTQMethod`).
+    :class:`~lowbit.pipeline.gptq.GPTQMethod`); ``scheme`` may be None with a ready method whose
+    weights are not integer-grid ones (the data-type methods).
     """
     spec = get_arch(model)
-    named = named_linears(model, spec)
-    check_group_size(scheme, named)
-    m = make_method(method, scheme, search=search, scale_dtype=scale_dtype) if isinstance(method, str) else method
+    if scheme is not None:
+        check_group_size(scheme, named_linears(model, spec))
+    m: BlockMethod
+    if isinstance(method, str):
+        if scheme is None:
+            raise SchemeError(f"method {method!r} needs an integer scheme (e.g. W4A16)")
+        m = make_method(method, scheme, search=search, scale_dtype=scale_dtype)
+    else:
+        m = method
     return run_blockwise(model, m, tokens, device=device, progress=progress, offload_activations=offload_activations)
