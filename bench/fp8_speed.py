@@ -77,6 +77,32 @@ def timer(fn: Callable[[int], Any], dev: torch.device, warmup: int, reps: int, i
     return statistics.median(times)
 
 
+def graph_timer(fn: Callable[[int], Any], dev: torch.device, warmup: int, reps: int, inner: int) -> float:
+    """Seconds per call of ``fn`` replayed from one CUDA graph of ``inner`` calls: GPU time, no launch cost."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(inner):
+            fn(i)
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(dev)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize(dev)
+        times.append(start.elapsed_time(end) / 1e3 / inner)
+    return statistics.median(times)
+
+
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.float() - ref).norm() / ref.norm()).item()
 
@@ -136,27 +162,42 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, a: 
                     rec["seconds"][v] = timer(fn, dev, a.warmup, a.reps, a.inner)
                 except Exception as e:  # noqa: BLE001 -- a variant this build cannot run is reported, not fatal
                     rec["errors"][v] = f"{type(e).__name__}: {e}"[:300]
+                    continue
+                if dev.type == "cuda":  # the same calls replayed from a CUDA graph: GPU time without launches
+                    try:
+                        rec.setdefault("graph_seconds", {})[v] = graph_timer(fn, dev, a.warmup, a.reps, a.inner)
+                    except Exception as e:  # noqa: BLE001
+                        rec["errors"][f"{v} (graph)"] = f"{type(e).__name__}: {e}"[:300]
             emulated = mods[0]._emulated_gemm(x8, sx, dev)
             rec["scaled_mm_vs_emulated_rel"] = rel(fns["gemm"](0), emulated) if "gemm" in rec["seconds"] else None
         rec["runtime_path"] = ("scaled_mm" if fp8_linear._scaled_mm_ok(x8, mods[0].weight)
                                else "fp8 emulated GEMM (float32)")
         base = rec["seconds"].get("bf16")
         rec["speedup_vs_bf16"] = {v: base / t for v, t in rec["seconds"].items() if base}
+        gbase = rec.get("graph_seconds", {}).get("bf16")
+        rec["graph_speedup_vs_bf16"] = {v: gbase / t for v, t in rec.get("graph_seconds", {}).items() if gbase}
         rows.append(rec)
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     cols = [v for v in VARIANTS if any(v in r["seconds"] for r in rows)]
-    head = ["shape", "in->out", "M"] + [f"{v} us" for v in cols] + [f"x {v}" for v in cols[1:]] + \
-        [f"err {v}" for v in cols]
+    graphs = any("graph_seconds" in r for r in rows)
+    head = ["shape", "in->out", "M"] + [f"{v} us" for v in cols] + [f"x {v}" for v in cols[1:]]
+    if graphs:
+        head += [f"{v} us (graph)" for v in cols] + [f"x {v} (graph)" for v in cols[1:]]
+    head += [f"err {v}" for v in cols]
     body = []
     for r in rows:
         t, s, e = r["seconds"], r["speedup_vs_bf16"], r["rel_err_vs_fp32"]
-        body.append([r["shape"], f"{r['in']}->{r['out']}", str(r["M"])]
-                    + [f"{t[v] * 1e6:.1f}" if v in t else "-" for v in cols]
-                    + [f"{s[v]:.2f}" if v in s else "-" for v in cols[1:]]
-                    + [f"{e[v]:.2e}" if v in e else "-" for v in cols])
+        gt, gs = r.get("graph_seconds", {}), r.get("graph_speedup_vs_bf16", {})
+        row = ([r["shape"], f"{r['in']}->{r['out']}", str(r["M"])]
+               + [f"{t[v] * 1e6:.1f}" if v in t else "-" for v in cols]
+               + [f"{s[v]:.2f}" if v in s else "-" for v in cols[1:]])
+        if graphs:
+            row += [f"{gt[v] * 1e6:.1f}" if v in gt else "-" for v in cols]
+            row += [f"{gs[v]:.2f}" if v in gs else "-" for v in cols[1:]]
+        body.append(row + [f"{e[v]:.3g}" if v in e else "-" for v in cols])
     try:
         from rich.console import Console
         from rich.table import Table
@@ -166,7 +207,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             table.add_column(h, justify="right")
         for b in body:
             table.add_row(*b)
-        Console(width=240).print(table)
+        Console(width=400).print(table)
     except ImportError:
         widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
         for line in [head, *body]:

@@ -172,14 +172,14 @@ class FP8Linear(nn.Module):
     @classmethod
     def from_weight(cls, fw: FP8Weight, bias: torch.Tensor | None = None,
                     dtype: torch.dtype | None = None) -> FP8Linear:
-        """A module holding ``fw``; ``weight_scale`` is stored in ``dtype`` (default: ``fw.scale``'s dtype)."""
+        """A module holding ``fw`` on ``fw``'s device; ``weight_scale`` in ``dtype`` (default: ``fw.scale``'s)."""
         out, inp = fw.shape
         m = cls(inp, out, fw.scheme, bias=bias is not None, dtype=dtype or fw.scale.dtype)
         m.weight.copy_(fw.weight)
         m.weight_scale.copy_(fw.scale.to(m.weight_scale.dtype))
         if bias is not None and m.bias is not None:
             m.bias.data = bias.detach().clone()
-        return m
+        return m.to(fw.weight.device)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """``module.to(dtype)`` casts every floating tensor, float8 included: move, but keep the stored dtypes."""

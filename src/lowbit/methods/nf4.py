@@ -15,6 +15,8 @@ equal ``bitsandbytes.functional.quantize_4bit`` on the same input, bit for bit (
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +50,15 @@ def quantize_4bit_codes(weight: torch.Tensor, kind: str, block_size: int) -> tup
     return q.to(torch.uint8).view(weight.shape), absmax
 
 
+@functools.lru_cache(maxsize=8)
+def _lut(code: tuple[float, ...], device: str) -> torch.Tensor:
+    """The 65536-bin nearest-code table of a sorted code book (see :func:`quantize_blockwise_8bit`)."""
+    c = torch.tensor(code, dtype=torch.float32, device=device)
+    mids = 0.5 * (c[:-1] + c[1:])
+    grid = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32, device=device)) / (_LUT_SIZE - 1)
+    return torch.searchsorted(mids.contiguous(), grid, right=False).to(torch.uint8)
+
+
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, block_size: int = 256
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit block-wise quantization to a sorted 256-entry ``code``, as bitsandbytes' CPU kernel does.
@@ -56,9 +67,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, block_size: int
     ``idx = trunc((v + 1) * 0.5 * 65535 + 0.5)`` and ``lut[i]`` = the number of code midpoints
     below ``-1 + 2 i / 65535`` (all float32). Returns codes ``x.shape`` uint8 and absmax ``(B,)``.
     """
-    mids = 0.5 * (code[:-1] + code[1:])
-    grid = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32, device=x.device)) / (_LUT_SIZE - 1)
-    lut = torch.searchsorted(mids.to(torch.float32).contiguous(), grid, right=False).to(torch.uint8)
+    lut = _lut(tuple(code.tolist()), str(x.device))
     blocks, absmax, n = _blocks(x, block_size)
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)
     v = (blocks * inv[:, None]).reshape(-1)[:n].clamp(-1, 1)
