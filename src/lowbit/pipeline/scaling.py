@@ -1,0 +1,66 @@
+"""Per-input-channel scales folded exactly into a block (AWQ, SmoothQuant).
+
+For a group of linears ``L_1..L_n`` sharing the input ``x`` produced by ``prev`` (a norm or a
+linear, from :mod:`lowbit.models.archs`), and scales ``s (in,)`` > 0::
+
+    x' = x / s                 (folded into prev: a norm's weight, or a linear's rows and bias)
+    W_i' = W_i * s             (every column j of every linear of the group times s_j)
+    =>  W_i' x' = W_i x        (the float model's output is unchanged, up to rounding)
+
+A norm computing ``x_hat * w`` gets ``w' = w / s``; one computing ``x_hat * (1 + w)`` (Gemma,
+``norm_offset = 1``) gets ``w' = (1 + w) / s - 1``. A linear ``prev`` (v -> o, up -> down) gets its
+output rows and bias divided by ``s``; that needs ``prev``'s output size to equal the group's
+input size, which grouped-query attention breaks for v -> o (the v heads are repeated), so
+:func:`can_fold` says no there and the mapping is skipped, as AutoAWQ and llm-compressor do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.core.errors import SchemeError
+from lowbit.models.archs import ArchSpec, LinearGroup
+
+
+def prev_out_features(block: nn.Module, group: LinearGroup) -> int | None:
+    """Size of ``prev``'s output: a linear's ``out_features`` or a norm's weight length."""
+    prev = block.get_submodule(group.prev)
+    if isinstance(prev, nn.Linear):
+        return prev.out_features
+    w = getattr(prev, "weight", None)
+    return None if w is None else int(w.numel())
+
+
+def can_fold(block: nn.Module, group: LinearGroup) -> bool:
+    """Whether scales on the group's input can be folded into ``prev`` exactly."""
+    ins = {block.get_submodule(n).in_features for n in group.linears}
+    return len(ins) == 1 and prev_out_features(block, group) in ins
+
+
+@torch.no_grad()
+def fold_scales(block: nn.Module, spec: ArchSpec, group: LinearGroup, scales: torch.Tensor) -> None:
+    """Divide the group's input by ``scales (in,)`` inside ``prev`` and multiply its linears' columns."""
+    if not can_fold(block, group):
+        raise SchemeError(f"{spec.name}: cannot fold scales of {group.linears} into {group.prev!r} "
+                          "(its output size differs from their input size)")
+    s = scales.detach().to(torch.float32)
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise SchemeError("smoothing scales must be finite and positive")
+    prev = block.get_submodule(group.prev)
+    if isinstance(prev, nn.Linear):
+        w = prev.weight
+        w.copy_((w.to(torch.float32) / s.to(w.device)[:, None]).to(w.dtype))
+        if prev.bias is not None:
+            prev.bias.copy_((prev.bias.to(torch.float32) / s.to(prev.bias.device)).to(prev.bias.dtype))
+    else:
+        nw = prev.weight
+        off = spec.norm_offset
+        nw.copy_(((nw.to(torch.float32) + off) / s.to(nw.device) - off).to(nw.dtype))
+        bias = getattr(prev, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_((bias.to(torch.float32) / s.to(bias.device)).to(bias.dtype))
+    for name in group.linears:
+        lin = block.get_submodule(name)
+        lw = lin.weight
+        lw.copy_((lw.to(torch.float32) * s.to(lw.device)[None, :]).to(lw.dtype))
