@@ -21,21 +21,30 @@ from lowbit.core.errors import SchemeError
 SCHEME_VERSION = 1
 
 
+ACT_STRATEGIES = ("token", "tensor")
+
+
 @dataclass(frozen=True)
 class QuantScheme:
-    """How the weights of a linear layer are quantized (activations stay 16-bit: ``A16``).
+    """How the weights (and, for W8A8, the activations) of a linear layer are quantized.
 
     Attributes:
         bits: weight bits, 2..8.
         group_size: input columns sharing one scale; ``None`` means per output channel.
         symmetric: integer zero point fixed at ``2^(bits-1)`` when True, one per group when False.
         name: the preset name this scheme came from (informational).
+        act_bits: ``None`` (activations stay 16-bit, ``A16``) or 8: symmetric int8 activations,
+            ``q = clamp(round(x / s_x), -127, 127)``.
+        act_strategy: ``token`` (one dynamic scale per token, ``s_x = max_j |x_j| / 127``) or
+            ``tensor`` (one static scale per layer, calibrated).
     """
 
     bits: int
     group_size: int | None = 128
     symmetric: bool = True
     name: str | None = None
+    act_bits: int | None = None
+    act_strategy: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -48,6 +57,16 @@ class QuantScheme:
             )
         if not isinstance(self.symmetric, bool):
             raise SchemeError(f"symmetric must be True or False, got {self.symmetric!r}")
+        if self.act_bits is not None:
+            if self.act_bits != 8:
+                raise SchemeError(f"activation bits must be 8 (int8) or None (16-bit), got {self.act_bits!r}")
+            if self.act_strategy not in ACT_STRATEGIES:
+                raise SchemeError(f"activation strategy must be one of {ACT_STRATEGIES}, got {self.act_strategy!r}")
+            if self.bits != 8 or self.group_size is not None or not self.symmetric:
+                raise SchemeError("int8 activations go with int8 symmetric per-channel weights (W8A8); "
+                                  "use --scheme W8A8 without --group-size")
+        elif self.act_strategy is not None:
+            raise SchemeError("act_strategy needs act_bits=8")
 
     @property
     def qmax(self) -> int:
@@ -68,6 +87,9 @@ class QuantScheme:
     def label(self) -> str:
         """Short human label, e.g. ``W4A16 g128 sym``."""
         g = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        if self.act_bits:
+            acts = "dynamic per-token" if self.act_strategy == "token" else "static per-tensor"
+            return f"W{self.bits}A{self.act_bits} {g} sym, {acts} int8 activations"
         return f"W{self.bits}A16 {g} {'sym' if self.symmetric else 'asym'}"
 
     def n_groups(self, in_features: int) -> int:
@@ -98,18 +120,19 @@ class QuantScheme:
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "name": self.name,
+            **({"act_bits": self.act_bits, "act_strategy": self.act_strategy} if self.act_bits else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
-        known = {"version", "bits", "group_size", "symmetric", "name"}
+        known = {"version", "bits", "group_size", "symmetric", "name", "act_bits", "act_strategy"}
         unknown = set(d) - known
         if unknown:
             raise SchemeError(f"unknown scheme fields {sorted(unknown)}; known fields: {sorted(known)}")
         if d.get("version", SCHEME_VERSION) > SCHEME_VERSION:
             raise SchemeError(f"scheme version {d['version']} is newer than this lowbit; upgrade lowbit")
         return cls(bits=d["bits"], group_size=d.get("group_size"), symmetric=d.get("symmetric", True),
-                   name=d.get("name"))
+                   name=d.get("name"), act_bits=d.get("act_bits"), act_strategy=d.get("act_strategy"))
 
 
 def _divisors_hint(n: int) -> str:
@@ -127,6 +150,9 @@ PRESETS: dict[str, QuantScheme] = {
     "W3A16_ASYM": QuantScheme(3, 128, False, "W3A16_ASYM"),
     "W2A16": QuantScheme(2, 64, True, "W2A16"),
     "W2A16_ASYM": QuantScheme(2, 64, False, "W2A16_ASYM"),
+    # int8 weights per channel and int8 activations: dynamic per token (llm-compressor's W8A8) or static
+    "W8A8": QuantScheme(8, None, True, "W8A8", act_bits=8, act_strategy="token"),
+    "W8A8_STATIC": QuantScheme(8, None, True, "W8A8_STATIC", act_bits=8, act_strategy="tensor"),
 }
 
 _UNSET: Any = object()
