@@ -49,11 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=None,
                    help="group size; -1 for per-channel (default: the preset's); NF4/FP4: absmax block "
                         "(default 64); FP8: N for NxN weight blocks (default per-channel)")
-    q.add_argument("--method", default="rtn", choices=["rtn", "imatrix-rtn", "gptq"])
+    q.add_argument("--method", default="rtn", choices=["rtn", "imatrix-rtn", "gptq", "awq", "awq+gptq"])
     q.add_argument("--mse", action="store_true", help="search the clipping range of each group (MSE)")
     q.add_argument("--calib", default=None, help="calibration: c4 | c4:PATH | python-docs | PATH (default c4)")
     q.add_argument("--calib-samples", type=int, default=128)
     q.add_argument("--calib-len", type=int, default=None, help="tokens per sample (default: 2048 gptq, 512 else)")
+    w = q.add_argument_group("AWQ")
+    w.add_argument("--awq-save", default=None, help="write the AWQ search result (scales, clips) to this file")
+    w.add_argument("--awq-load", default=None, help="apply a saved AWQ search result instead of searching")
     d = q.add_argument_group("data types (NF4, FP4, INT8-LLM, FP8, FP8_DYNAMIC)")
     d.add_argument("--double-quant", action="store_true", help="NF4/FP4: quantize the absmax values to 8 bits")
     d.add_argument("--threshold", type=float, default=None, help="INT8-LLM: activation outlier threshold (6.0)")
@@ -135,7 +138,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
     gptq = GPTQConfig(damp=a.damp, block_size=a.block_size, act_order=a.act_order,
                       static_groups=not a.dynamic_groups, search=a.mse)
-    calib_len = a.calib_len or (2048 if a.method == "gptq" else 512)
+    calib_len = a.calib_len or (2048 if a.method.endswith("gptq") else 512)
     device = a.device
     if device == "auto":
         import torch
@@ -145,7 +148,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
                    calib_len=calib_len, search=a.mse, dtype=DTYPES[a.dtype] if a.dtype else None,
                    device=device, force=a.force, seed=a.seed, progress=not a.no_progress, gptq=gptq,
                    true_sequential=not a.no_true_sequential, hessians_on_cpu=a.hessians_on_cpu,
-                   offload_activations=a.offload_activations)
+                   offload_activations=a.offload_activations, awq_save=a.awq_save, awq_load=a.awq_load)
     console.print(f"wrote {res.path}: {res.n_linears} linears {scheme.label} by {res.method} in {res.seconds:.1f} s, "
                   f"{res.bits_per_weight:.3f} bits/weight, {res.size_bytes / 1e6:.1f} MB; "
                   f"kept in 16-bit: {', '.join(res.kept) or 'none'}")

@@ -74,8 +74,13 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
                     search: bool = False, dtype: torch.dtype | None = None, device: str = "cpu",
                     force: bool = False, seed: int = 0, progress: bool = True,
                     gptq: GPTQConfig | None = None, true_sequential: bool = True,
-                    hessians_on_cpu: bool = False, offload_activations: bool = False) -> QuantizeResult:
-    """Quantize an already loaded model (modified in place) and write the artifact to ``out``."""
+                    hessians_on_cpu: bool = False, offload_activations: bool = False,
+                    awq_save: str | Path | None = None, awq_load: str | Path | None = None) -> QuantizeResult:
+    """Quantize an already loaded model (modified in place) and write the artifact to ``out``.
+
+    ``awq_save`` writes the AWQ search result (scales, clips) to a file; ``awq_load`` applies a saved
+    one instead of searching (methods ``awq`` and ``awq+gptq``).
+    """
     if isinstance(scheme, DataTypeScheme):
         return _quantize_datatype(lm, scheme, out, calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                                   dtype=dtype, device=device, force=force, seed=seed, progress=progress)
@@ -83,8 +88,19 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
         raise LowbitError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     store = dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
     gptq = gptq or GPTQConfig(search=search)
+    preset = None
+    if awq_load is not None:
+        from lowbit.pipeline.awq import AWQResult
+
+        preset, saved = AWQResult.load(awq_load)
+        if saved.with_options(name=None) != scheme.with_options(name=None):
+            log.warning("AWQ result %s was searched for %s; applying it before %s", awq_load, saved.label,
+                        scheme.label)
+    if (awq_save or awq_load) and not method.startswith("awq"):
+        raise LowbitError("--awq-save / --awq-load go with --method awq or awq+gptq")
     block_method = make_method(method, scheme, search=search, scale_dtype=store, gptq=gptq,
-                               true_sequential=true_sequential, hessians_on_cpu=hessians_on_cpu)
+                               true_sequential=true_sequential, hessians_on_cpu=hessians_on_cpu,
+                               awq_preset=preset)
     spec = get_arch(lm.model)
     check_group_size(scheme, named_linears(lm.model, spec))  # before any calibration work
     tokens = None
@@ -106,6 +122,17 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
               "source_model": str(lm.path), "storage_dtype": str(store).removeprefix("torch."),
               "quantize_seconds": round(seconds, 2), **calib_info}
     actorder = None
+    from lowbit.pipeline.awq import AWQMethod
+
+    if isinstance(block_method, AWQMethod):
+        res = block_method.preset or block_method.result
+        recipe["awq"] = {"alphas": res.alphas, "clipped_linears": len(res.clips), "loaded_from": str(awq_load)
+                         if awq_load else None}
+        if awq_save and world()[0] == 0:
+            block_method.result.save(awq_save, scheme)
+            log.info("AWQ search result written to %s", awq_save)
+        if isinstance(block_method.inner, GPTQMethod):
+            block_method = block_method.inner
     if isinstance(block_method, GPTQMethod):
         recipe["gptq"] = {**asdict(gptq), "true_sequential": true_sequential}
         recipe["gptq_layer_loss"] = {n: st.loss for n, st in block_method.stats.items()}

@@ -15,6 +15,7 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks
+from lowbit.pipeline.awq import AWQMethod, AWQResult
 from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect, run_blockwise
 from lowbit.pipeline.distributed import sum_weighted
 from lowbit.pipeline.gptq import GPTQMethod
@@ -80,12 +81,21 @@ class ImatrixRTNMethod:
         return out
 
 
-METHODS = ("rtn", "imatrix-rtn", "gptq")
+METHODS = ("rtn", "imatrix-rtn", "gptq", "awq", "awq+gptq")
 
 
 def make_method(name: str, scheme: QuantScheme, *, search: bool = False,
                 scale_dtype: torch.dtype = torch.bfloat16, gptq: GPTQConfig | None = None,
-                true_sequential: bool = True, hessians_on_cpu: bool = False) -> BlockMethod:
+                true_sequential: bool = True, hessians_on_cpu: bool = False,
+                awq_preset: AWQResult | None = None) -> BlockMethod:
+    if name in ("awq", "awq+gptq"):
+        inner = None
+        if name == "awq+gptq":
+            inner = GPTQMethod(scheme, gptq or GPTQConfig(search=search), true_sequential=true_sequential,
+                               hessians_on_cpu=hessians_on_cpu, scale_dtype=scale_dtype)
+        return AWQMethod(scheme, scale_dtype=scale_dtype, inner=inner, preset=awq_preset)
+    if awq_preset is not None:
+        raise SchemeError(f"an AWQ search result applies with --method awq or awq+gptq, not {name!r}")
     if name == "rtn":
         return RTNMethod(scheme, search=search, scale_dtype=scale_dtype)
     if name == "imatrix-rtn":

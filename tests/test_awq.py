@@ -1,0 +1,139 @@
+"""AWQ: exact scale folding, lower error than RTN with outlier channels, search/apply split, CLI."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_model_dir
+from lowbit.cli import main
+from lowbit.core.errors import UnsupportedArchitectureError
+from lowbit.core.scheme import QuantScheme
+from lowbit.methods.awq import apply_clip, awq_scales, fake_quant, search_clip, search_scales
+from lowbit.models.archs import get_arch, get_blocks
+from lowbit.pipeline.awq import AWQMethod, AWQResult
+from lowbit.pipeline.quantize import quantize_model
+from lowbit.pipeline.scaling import can_fold, fold_scales
+
+SCHEME = QuantScheme(4, 32, False)
+
+
+def _ids(n=4, t=32, seed=0):
+    return torch.randint(3, 300, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "mistral"])
+def test_folding_leaves_float_logits_unchanged(tmp_path, arch):
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path / arch, arch), dtype=torch.float32)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    spec, g, folded = get_arch(model), torch.Generator().manual_seed(1), 0
+    for block in get_blocks(model, spec):
+        for group in spec.groups:
+            if can_fold(block, group):
+                k = block.get_submodule(group.linears[0]).in_features
+                fold_scales(block, spec, group, torch.rand(k, generator=g) * 4 + 0.1)
+                folded += 1
+    with torch.no_grad():
+        out = model(ids).logits
+    assert folded == 2 * 3  # q/k/v, gate/up, down per block; v -> o is skipped under grouped-query attention
+    assert ((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_scales_are_centred_and_identity_is_a_candidate():
+    x_mean = torch.tensor([0.1, 1.0, 10.0, 100.0])
+    s = awq_scales(x_mean, None, 0.5)
+    assert torch.allclose(s.max() * s.min(), torch.tensor(1.0)) and torch.all(s[1:] > s[:-1])
+    assert torch.equal(awq_scales(x_mean, None, 0.0), torch.ones(4))
+    w = torch.randn(16, 64)
+    x = torch.randn(128, 64)
+    s, alpha, ratio = search_scales(x, x.abs().mean(0), [w], fake_quant(SCHEME), 32, grid=10)
+    assert ratio <= 1.0 and (alpha == -1.0) == torch.equal(s, torch.ones(64))
+
+
+def test_clip_search_never_worse_than_no_clip():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    w[:, 5] *= 8  # a heavy column makes shrinking the range pay off elsewhere
+    x = torch.randn(256, 64, generator=g)
+    q = fake_quant(QuantScheme(3, 32, False))
+    m = search_clip(w, x, q, 32)
+    wc = w.clone()
+    apply_clip(wc, m)
+    err = lambda ww: ((x @ w.t() - x @ q(ww).t()) ** 2).mean()  # noqa: E731
+    assert err(wc) <= err(w) + 1e-6 and torch.all(m <= w.abs().view(32, 2, 32).amax(-1) + 1e-6)
+
+
+def _outlier_model(tmp_path, arch="llama"):
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path / f"o-{arch}", arch),
+                                                 dtype=torch.float32).eval()
+    spec = get_arch(model)
+    with torch.no_grad():
+        for block in get_blocks(model, spec):  # LLM-like outlier channels in the inputs of q/k/v and gate/up
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                block.get_submodule(norm).weight[[3, 17, 40]] *= 25
+    return model
+
+
+def _logit_error(model, qmodel, ids):
+    with torch.no_grad():
+        return ((qmodel(ids).logits - model(ids).logits) ** 2).mean().item()
+
+
+def test_awq_beats_rtn_with_planted_outliers(tmp_path):
+    ref = _outlier_model(tmp_path)
+    ids = _ids(8, 32, seed=1)
+    errs = {}
+    for name in ("rtn", "awq"):
+        m = _outlier_model(tmp_path)
+        method = AWQMethod(SCHEME) if name == "awq" else "rtn"
+        quantize_model(m, SCHEME, method, tokens=_ids(16, 32), progress=False)
+        errs[name] = _logit_error(ref, m, ids)
+    assert errs["awq"] < 0.8 * errs["rtn"], errs
+
+
+def test_search_then_apply_gives_the_same_weights(tmp_path):
+    tokens = _ids(8, 32)
+    m1 = _outlier_model(tmp_path)
+    method = AWQMethod(SCHEME)
+    q1 = quantize_model(m1, SCHEME, method, tokens=tokens, progress=False)
+    assert method.result.scales and method.result.clips
+    method.result.save(tmp_path / "awq.safetensors", SCHEME)
+    res, scheme = AWQResult.load(tmp_path / "awq.safetensors")
+    assert scheme == SCHEME
+    m2 = _outlier_model(tmp_path)
+    q2 = quantize_model(m2, SCHEME, AWQMethod(SCHEME, preset=res), tokens=tokens, progress=False)
+    for n, qw in q1.items():
+        assert torch.equal(qw.codes, q2[n].codes) and torch.equal(qw.scales, q2[n].scales), n
+    for (n1, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters(), strict=True):
+        assert torch.equal(p1, p2), n1  # folded norms too
+
+
+def test_cli_awq_and_awq_gptq_and_errors(tmp_path, capsys):
+    src = make_tiny_model_dir(tmp_path / "tiny", "llama")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(80)))
+    common = ["--no-progress", "quantize", str(src), "--scheme", "W4A16_ASYM", "--group-size", "32", "--calib",
+              str(corpus), "--calib-samples", "4", "--calib-len", "32"]
+    assert main([*common, "--method", "awq", "--awq-save", str(tmp_path / "s.safetensors"),
+                 "-o", str(tmp_path / "a")]) == 0
+    assert main([*common, "--method", "awq+gptq", "--awq-load", str(tmp_path / "s.safetensors"),
+                 "-o", str(tmp_path / "ag")]) == 0
+    from transformers import CompressedTensorsConfig
+
+    # asymmetric pack-quantized loads in transformers 5.24 + compressed-tensors 0.20 only decompressed
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ag", quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert main([*common, "--method", "rtn", "--awq-load", str(tmp_path / "s.safetensors"),
+                 "-o", str(tmp_path / "bad")]) == 2
+    assert "awq" in capsys.readouterr().err
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    assert main([*common, "--method", "awq", "--awq-load", str(tmp_path / "junk.safetensors"),
+                 "-o", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_model_without_mapping_is_a_clear_error():
+    from torch import nn
+
+    with pytest.raises(UnsupportedArchitectureError, match="no architecture table entry"):
+        quantize_model(nn.Sequential(nn.Linear(4, 4)), SCHEME, AWQMethod(SCHEME), tokens=_ids(), progress=False)
