@@ -43,6 +43,13 @@ def main() -> None:
     oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=tokens.shape[0],
             max_seq_length=tokens.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t0
+    save_fake_quant(model, model_dir, out, {"tool": "llmcompressor", "seconds": seconds, "bits": bits,
+                                            "group_size": group})
+    print(json.dumps({"seconds": seconds}))
+
+
+def save_fake_quant(model: torch.nn.Module, model_dir: str, out: Path, meta: dict) -> None:
+    """Write the model's (fake-quantized) weights in float32 as a plain HF folder, atomically."""
     sd = {k: v.detach().to(torch.float32).contiguous() for k, v in model.state_dict().items()
           if not k.rsplit(".", 1)[-1].startswith(("weight_scale", "weight_zero_point", "weight_g_idx",
                                                    "weight_global_scale"))}
@@ -59,11 +66,9 @@ def main() -> None:
     cfg["dtype"] = "float32"
     cfg.pop("quantization_config", None)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    (tmp / "peer.json").write_text(json.dumps({"tool": "llmcompressor", "seconds": seconds, "bits": bits,
-                                               "group_size": group}))
+    (tmp / "peer.json").write_text(json.dumps(meta))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    print(json.dumps({"seconds": seconds}))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from lowbit.core.scheme import QuantScheme
-from lowbit.methods.rtn import quantize_rtn
+from lowbit.methods.rtn import fake_quantize
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,7 +35,7 @@ FakeQuant = Callable[[torch.Tensor], torch.Tensor]
 def fake_quant(scheme: QuantScheme, scale_dtype: torch.dtype = torch.bfloat16) -> FakeQuant:
     """``W -> Q(W)`` (dequantized, same dtype) with plain min/max RTN of ``scheme``."""
     def q(w: torch.Tensor) -> torch.Tensor:
-        return quantize_rtn(w, scheme, scale_dtype=scale_dtype).dequantize(w.dtype)
+        return fake_quantize(w, scheme, scale_dtype)
     return q
 
 

@@ -119,6 +119,21 @@ def fit_groups(
     return scale, zero, q
 
 
+def fake_quantize(weight: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype = torch.float32
+                  ) -> torch.Tensor:
+    """``Q(W) (out, in)`` dequantized, min/max RTN: the numerics of ``quantize_rtn(search=False)``.
+
+    No validation and no :class:`QuantizedWeight`: the fast path for searches that quantize the
+    same matrix many times (AWQ).
+    """
+    out, inp = weight.shape
+    groups = scheme.n_groups(inp)
+    w = weight.to(torch.float32).reshape(out, groups, inp // groups)
+    scale, zero = _params(w, scheme, 1.0, scale_dtype)
+    q = _codes(w, scale, zero, scheme.qmax)
+    return (scale * (q - zero)).reshape(out, inp).to(weight.dtype)
+
+
 def quantize_rtn(
     weight: torch.Tensor,
     scheme: QuantScheme,

@@ -102,7 +102,8 @@ class AWQMethod:
     grid: int = 20
     duo_scaling: bool = True
     clip: bool = True
-    max_tokens: int = 4096
+    max_tokens: int = 2048  # input rows the scale search scores (a strided sample of the calibration tokens)
+    clip_tokens: int = 512  # of which the clipping search uses this many (AutoAWQ's n_sample_token)
     scale_dtype: torch.dtype = torch.bfloat16
     inner: BlockMethod | None = None
     preset: AWQResult | None = None
@@ -158,6 +159,7 @@ class AWQMethod:
                 if n.rsplit(".", 1)[-1] in SKIP_CLIP:
                     continue
                 lin = ctx.linears[n]
-                m = search_clip(lin.weight, x, quant, gs)
+                xc = x[:: max(1, -(-x.shape[0] // self.clip_tokens))]
+                m = search_clip(lin.weight, xc, quant, gs)
                 apply_clip(lin.weight, m)
                 self.result.clips[f"{prefix}.{n}"] = m.cpu()

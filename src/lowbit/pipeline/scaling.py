@@ -55,12 +55,13 @@ def fold_scales(block: nn.Module, spec: ArchSpec, group: LinearGroup, scales: to
             prev.bias.copy_((prev.bias.to(torch.float32) / s.to(prev.bias.device)).to(prev.bias.dtype))
     else:
         nw = prev.weight
+        assert isinstance(nw, torch.Tensor)
         off = spec.norm_offset
         nw.copy_(((nw.to(torch.float32) + off) / s.to(nw.device) - off).to(nw.dtype))
         bias = getattr(prev, "bias", None)
         if isinstance(bias, torch.Tensor):
             bias.copy_((bias.to(torch.float32) / s.to(bias.device)).to(bias.dtype))
     for name in group.linears:
-        lin = block.get_submodule(name)
-        lw = lin.weight
+        lw = block.get_submodule(name).weight
+        assert isinstance(lw, torch.Tensor)
         lw.copy_((lw.to(torch.float32) * s.to(lw.device)[None, :]).to(lw.dtype))

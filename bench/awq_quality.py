@@ -1,0 +1,119 @@
+"""AWQ (and SmoothQuant) quality on real models, side by side with llm-compressor's AWQModifier.
+
+    python bench/awq_quality.py --models gemma3-270m qwen2.5-coder-0.5b --schemes W4A16_ASYM W3A16_ASYM \
+        --calib-samples 128 --calib-len 512 --windows 4 --llmc-python /tmp/venv-llmc/bin/python
+
+Every method sees the same C4 calibration tokens (seeded) and is scored on the same WikiText-2
+windows (GPTQ protocol) against the float reference. Rows per model and scheme: lowbit RTN,
+lowbit AWQ (then RTN), lowbit AWQ+GPTQ, llm-compressor AWQ (then its RTN). lowbit's rows are
+evaluated from their artifacts on disk, llm-compressor's from its fake-quantized weights.
+With ``--smoothquant``, W8A8 dynamic-int8 RTN and SmoothQuant W8A8 rows are added per model.
+Prints one table (perplexity increase, its ratio to llm-compressor's) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import save_file
+
+from lowbit.core.io import write_json_atomic
+from lowbit.core.scheme import get_scheme
+from lowbit.data import calibration_tokens, resolve_calib_texts
+from lowbit.jobs import evaluate_models, load_artifact, quantize_loaded
+from lowbit.models.loader import load_model
+
+log = logging.getLogger("awq_quality")
+
+
+def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argparse.Namespace
+                ) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
+    models, secs = {}, {}
+    for method in methods:
+        work = copy.deepcopy(ref)
+        res = quantize_loaded(work, scheme, out / f"{scheme.name}-{method}", method=method, calib="c4",
+                              calib_samples=a.calib_samples, calib_len=a.calib_len, force=True, progress=False)
+        del work
+        models[f"lowbit-{method}"] = load_artifact(res.path)
+        secs[f"lowbit-{method}"] = res.seconds
+        log.info("%s %s: %.0f s", scheme.name, method, res.seconds)
+    return models, secs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["gemma3-270m", "qwen2.5-coder-0.5b"])
+    p.add_argument("--schemes", nargs="+", default=["W4A16_ASYM", "W3A16_ASYM"])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-len", type=int, default=512)
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--ctx", type=int, default=2048)
+    p.add_argument("--methods", nargs="+", default=["rtn", "awq", "awq+gptq"])
+    p.add_argument("--smoothquant", action="store_true", help="also W8A8 RTN vs SmoothQuant W8A8 (dynamic int8)")
+    p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
+    p.add_argument("--out", default="bench/results/awq")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = Path(a.out)
+    rows: list[dict[str, Any]] = []
+    for name in a.models:
+        ref = load_model(name)
+        tokens = calibration_tokens(ref.tokenizer, resolve_calib_texts("c4"), a.calib_samples, a.calib_len, seed=0)
+        tok_file = out / name / "calib_tokens.safetensors"
+        tok_file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"tokens": tokens.contiguous()}, str(tok_file))
+        runs: list[tuple[str, Any, list[str]]] = [
+            (s, get_scheme(s, group_size=a.group_size), a.methods) for s in a.schemes]
+        if a.smoothquant:
+            runs.append(("W8A8", get_scheme("W8A8"), ["rtn", "smoothquant"]))
+        for sname, scheme, methods in runs:
+            models: dict[str, torch.nn.Module] = {"reference": ref.model}
+            got, secs = lowbit_rows(ref, scheme, methods, out / name, a)
+            models.update(got)
+            if a.llmc_python and scheme.act_bits is None:
+                peer_dir = out / name / f"{sname}-llmcompressor-awq"
+                t0 = time.perf_counter()
+                subprocess.run([a.llmc_python, str(Path(__file__).parent / "peers" / "llmc_awq.py"), str(ref.path),
+                                str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)], check=True)
+                secs["llmcompressor-awq"] = json.loads((peer_dir / "peer.json").read_text())["seconds"]
+                log.info("llm-compressor AWQ took %.0f s (wall %.0f s)", secs["llmcompressor-awq"],
+                         time.perf_counter() - t0)
+                models["llmcompressor-awq"] = load_model(str(peer_dir)).model
+            corpus, res_ev = evaluate_models(models, ref.tokenizer, reference="reference", data="wikitext2",
+                                             ctx=a.ctx, max_windows=a.windows, progress=False)
+            base = res_ev["reference"].ppl
+            for m, r in res_ev.items():
+                rows.append({"model": name, "scheme": scheme.label, "method": m, "ppl": r.ppl,
+                             "ppl_increase": r.ppl - base, "rel_increase": (r.ppl - base) / base, "kld": r.kld_mean,
+                             "top1": r.top1, "quantize_seconds": secs.get(m), "windows": r.n_windows,
+                             "tokens": r.n_tokens})
+            del models
+            write_json_atomic(out / "awq_quality.json", {"args": vars(a), "rows": rows})
+    table = Table(title=f"WikiText-2 (gptq protocol, {a.windows} x {a.ctx}), C4 calibration "
+                        f"{a.calib_samples} x {a.calib_len}")
+    for c in ("model", "scheme", "method", "ppl", "Δppl", "Δ%", "Δ / llmc Δ", "KLD", "top-1", "quant s"):
+        table.add_column(c)
+    for r in rows:
+        peer = next((x for x in rows if x["model"] == r["model"] and x["scheme"] == r["scheme"]
+                     and x["method"] == "llmcompressor-awq"), None)
+        ratio = "-" if peer is None or r["method"] == "reference" else f"{r['ppl_increase'] / peer['ppl_increase']:.2f}"
+        table.add_row(r["model"], r["scheme"], r["method"], f"{r['ppl']:.4f}", f"{r['ppl_increase']:+.4f}",
+                      f"{100 * r['rel_increase']:+.2f}", ratio,
+                      "-" if r["kld"] is None else f"{r['kld']:.4f}", "-" if r["top1"] is None else f"{r['top1']:.4f}",
+                      "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}")
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()
