@@ -1,5 +1,7 @@
 """AWQ: exact scale folding, lower error than RTN with outlier channels, search/apply split, CLI."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -123,6 +125,11 @@ def test_cli_awq_and_awq_gptq_and_errors(tmp_path, capsys):
 
     # asymmetric pack-quantized loads in transformers 5.24 + compressed-tensors 0.20 only decompressed
     AutoModelForCausalLM.from_pretrained(tmp_path / "ag", quantization_config=CompressedTensorsConfig(dequantize=True))
+    assert main([*common, "--method", "awq", "--format", "awq", "-o", str(tmp_path / "gemm")]) == 0
+    assert json.loads((tmp_path / "gemm" / "config.json").read_text())["quantization_config"]["version"] == "gemm"
+    assert main(["--no-progress", "eval", str(tmp_path / "gemm"), "--reference", str(src), "--data", str(corpus),
+                 "--ctx", "32", "--max-windows", "2"]) == 0
+    assert main([*common, "--scheme", "W3A16", "--format", "awq", "-o", str(tmp_path / "bad")]) == 2
     assert main([*common, "--method", "rtn", "--awq-load", str(tmp_path / "s.safetensors"),
                  "-o", str(tmp_path / "bad")]) == 2
     assert "awq" in capsys.readouterr().err

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = q.add_argument_group("AWQ")
     w.add_argument("--awq-save", default=None, help="write the AWQ search result (scales, clips) to this file")
     w.add_argument("--awq-load", default=None, help="apply a saved AWQ search result instead of searching")
+    q.add_argument("--format", default="auto", choices=["auto", "awq"],
+                   help="auto: compressed-tensors (bitsandbytes for NF4/FP4/INT8-LLM); awq: AutoAWQ GEMM layout "
+                        "(4-bit grouped, e.g. W4A16_ASYM)")
     d = q.add_argument_group("data types (NF4, FP4, INT8-LLM, FP8, FP8_DYNAMIC)")
     d.add_argument("--double-quant", action="store_true", help="NF4/FP4: quantize the absmax values to 8 bits")
     d.add_argument("--threshold", type=float, default=None, help="INT8-LLM: activation outlier threshold (6.0)")
@@ -148,7 +151,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
                    calib_len=calib_len, search=a.mse, dtype=DTYPES[a.dtype] if a.dtype else None,
                    device=device, force=a.force, seed=a.seed, progress=not a.no_progress, gptq=gptq,
                    true_sequential=not a.no_true_sequential, hessians_on_cpu=a.hessians_on_cpu,
-                   offload_activations=a.offload_activations, awq_save=a.awq_save, awq_load=a.awq_load)
+                   offload_activations=a.offload_activations, awq_save=a.awq_save, awq_load=a.awq_load,
+                   export_format=a.format)
     console.print(f"wrote {res.path}: {res.n_linears} linears {scheme.label} by {res.method} in {res.seconds:.1f} s, "
                   f"{res.bits_per_weight:.3f} bits/weight, {res.size_bytes / 1e6:.1f} MB; "
                   f"kept in 16-bit: {', '.join(res.kept) or 'none'}")

@@ -75,12 +75,19 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
                     force: bool = False, seed: int = 0, progress: bool = True,
                     gptq: GPTQConfig | None = None, true_sequential: bool = True,
                     hessians_on_cpu: bool = False, offload_activations: bool = False,
-                    awq_save: str | Path | None = None, awq_load: str | Path | None = None) -> QuantizeResult:
+                    awq_save: str | Path | None = None, awq_load: str | Path | None = None,
+                    export_format: str = "auto") -> QuantizeResult:
     """Quantize an already loaded model (modified in place) and write the artifact to ``out``.
 
     ``awq_save`` writes the AWQ search result (scales, clips) to a file; ``awq_load`` applies a saved
-    one instead of searching (methods ``awq`` and ``awq+gptq``).
+    one instead of searching (methods ``awq`` and ``awq+gptq``). ``export_format`` ``awq`` writes the
+    AutoAWQ GEMM layout (4-bit, grouped) instead of compressed-tensors.
     """
+    if export_format not in ("auto", "awq"):
+        raise LowbitError(f"unknown export format {export_format!r}; use auto or awq")
+    if export_format == "awq" and (isinstance(scheme, DataTypeScheme) or scheme.bits != 4 or scheme.group_size is None
+                                   or scheme.act_bits):
+        raise LowbitError(f"--format awq holds 4-bit grouped weights (e.g. --scheme W4A16_ASYM), not {scheme.label}")
     if isinstance(scheme, DataTypeScheme):
         return _quantize_datatype(lm, scheme, out, calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                                   dtype=dtype, device=device, force=force, seed=seed, progress=progress)
@@ -147,7 +154,12 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
     rank, size = world()
     if size > 1:
         recipe["world_size"] = size
-    if rank == 0:
+    if rank == 0 and export_format == "awq":
+        from lowbit.formats.awq_gemm import save_awq_gemm
+
+        save_awq_gemm(lm.model, qweights, out, tokenizer=lm.tokenizer, recipe={"scheme": scheme.to_dict(), **recipe},
+                      overwrite=force)
+    elif rank == 0:
         save_quantized(lm.model, qweights, out, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
                        overwrite=force, actorder=actorder)
     if size > 1:
@@ -210,7 +222,7 @@ def quantize(model: str, scheme: QuantScheme | DataTypeScheme, out: str | Path, 
 
 
 def artifact_kind(path: str | Path) -> str | None:
-    """``pack-quantized``, ``float8`` (compressed-tensors), ``bitsandbytes`` or None."""
+    """``pack-quantized``, ``float8`` (compressed-tensors), ``bitsandbytes``, ``awq`` (GEMM) or None."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return None
@@ -218,6 +230,8 @@ def artifact_kind(path: str | Path) -> str | None:
     qc = config.get("quantization_config") or {}
     if qc.get("quant_method") == "bitsandbytes":
         return "bitsandbytes"
+    if qc.get("quant_method") == "awq":
+        return "awq"
     if qc.get("quant_method") == "compressed-tensors":
         from lowbit.formats.ct_float import is_fp8_artifact
 
@@ -236,6 +250,10 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
         from lowbit.formats.bitsandbytes import load_bnb
 
         return load_bnb(path, dtype=dtype)[0]
+    if kind == "awq":
+        from lowbit.formats.awq_gemm import load_awq_gemm
+
+        return load_awq_gemm(path, dtype=dtype)[0]
     if kind == "float8":
         from lowbit.formats.ct_float import load_fp8
 

@@ -132,11 +132,11 @@ def _check_folder(folder: Path, allow_quantized: bool) -> dict:
             f"{cfg_path} is not valid JSON ({exc}). Fix: restore or re-save the model."
         ) from exc
     qc = config.get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors" and not allow_quantized:
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method in ("compressed-tensors", "bitsandbytes", "awq") and not allow_quantized:
         raise ModelLoadError(
-            f"{folder} is a quantized artifact (compressed-tensors); this loader reads dense "
-            f"checkpoints only. "
-            f"Fix: load it with lowbit.formats.compressed_tensors.load_quantized."
+            f"{folder} is a quantized artifact ({method}); this loader reads dense checkpoints only. "
+            f"Fix: evaluate it with `lowbit eval {folder}` or load it with lowbit.jobs.load_artifact."
         )
     for st in sorted(folder.glob("*.safetensors")):
         check_safetensors(st)
