@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=None,
                    help="group size; -1 for per-channel (default: the preset's); NF4/FP4: absmax block "
                         "(default 64); FP8: N for NxN weight blocks (default per-channel)")
-    q.add_argument("--method", default="rtn", choices=["rtn", "imatrix-rtn", "gptq", "awq", "awq+gptq"])
+    q.add_argument("--method", default="rtn", choices=["rtn", "imatrix-rtn", "gptq", "awq", "awq+gptq",
+                                                             "smoothquant"])
+    q.add_argument("--alpha", type=float, default=None,
+                   help="SmoothQuant migration strength in [0, 1] (default 0.5); with --method smoothquant")
     q.add_argument("--mse", action="store_true", help="search the clipping range of each group (MSE)")
     q.add_argument("--calib", default=None, help="calibration: c4 | c4:PATH | python-docs | PATH (default c4)")
     q.add_argument("--calib-samples", type=int, default=128)
@@ -126,6 +129,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from lowbit.jobs import DTYPES, quantize
 
     kw = {} if a.group_size is None else {"group_size": a.group_size}
+    if a.alpha is not None and a.method != "smoothquant":
+        raise LowbitError("--alpha goes with --method smoothquant")
     scheme: Any
     if is_datatype_scheme(a.scheme):
         if a.method != "rtn":
@@ -152,7 +157,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
                    device=device, force=a.force, seed=a.seed, progress=not a.no_progress, gptq=gptq,
                    true_sequential=not a.no_true_sequential, hessians_on_cpu=a.hessians_on_cpu,
                    offload_activations=a.offload_activations, awq_save=a.awq_save, awq_load=a.awq_load,
-                   export_format=a.format)
+                   export_format=a.format, alpha=0.5 if a.alpha is None else a.alpha)
     console.print(f"wrote {res.path}: {res.n_linears} linears {scheme.label} by {res.method} in {res.seconds:.1f} s, "
                   f"{res.bits_per_weight:.3f} bits/weight, {res.size_bytes / 1e6:.1f} MB; "
                   f"kept in 16-bit: {', '.join(res.kept) or 'none'}")

@@ -76,7 +76,7 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
                     gptq: GPTQConfig | None = None, true_sequential: bool = True,
                     hessians_on_cpu: bool = False, offload_activations: bool = False,
                     awq_save: str | Path | None = None, awq_load: str | Path | None = None,
-                    export_format: str = "auto") -> QuantizeResult:
+                    export_format: str = "auto", alpha: float = 0.5) -> QuantizeResult:
     """Quantize an already loaded model (modified in place) and write the artifact to ``out``.
 
     ``awq_save`` writes the AWQ search result (scales, clips) to a file; ``awq_load`` applies a saved
@@ -88,6 +88,12 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
     if export_format == "awq" and (isinstance(scheme, DataTypeScheme) or scheme.bits != 4 or scheme.group_size is None
                                    or scheme.act_bits):
         raise LowbitError(f"--format awq holds 4-bit grouped weights (e.g. --scheme W4A16_ASYM), not {scheme.label}")
+    if not isinstance(scheme, DataTypeScheme) and scheme.act_bits:
+        return _quantize_w8a8(lm, scheme, out, method=method, alpha=alpha, calib=calib, calib_samples=calib_samples,
+                              calib_len=calib_len, dtype=dtype, device=device, force=force, seed=seed,
+                              progress=progress)
+    if method == "smoothquant":
+        raise LowbitError(f"--method smoothquant goes with --scheme W8A8 or W8A8_STATIC, not {scheme.label}")
     if isinstance(scheme, DataTypeScheme):
         return _quantize_datatype(lm, scheme, out, calib=calib, calib_samples=calib_samples, calib_len=calib_len,
                                   dtype=dtype, device=device, force=force, seed=seed, progress=progress)
@@ -170,6 +176,49 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
                           len(qweights), kept)
 
 
+def _quantize_w8a8(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, method: str, alpha: float,
+                   calib: str | None, calib_samples: int, calib_len: int, dtype: torch.dtype | None, device: str,
+                   force: bool, seed: int, progress: bool) -> QuantizeResult:
+    """W8A8 (int8 weights per channel, int8 activations): plain RTN or SmoothQuant, compressed-tensors int-quantized."""
+    from lowbit.formats.ct_int8 import save_w8a8
+    from lowbit.pipeline.smoothquant import SmoothQuantMethod
+
+    if method not in ("rtn", "smoothquant"):
+        raise LowbitError(f"{scheme.name or scheme.label} takes --method rtn or smoothquant, not {method!r}")
+    store = dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
+    block_method: Any
+    if method == "smoothquant" or scheme.act_strategy == "tensor":
+        block_method = SmoothQuantMethod(scheme, alpha=alpha if method == "smoothquant" else None, scale_dtype=store)
+    else:
+        block_method = make_method("rtn", scheme, scale_dtype=store)
+    tokens = None
+    calib_info: dict[str, Any] = {}
+    if block_method.needs_calibration:
+        calib = calib or default_calib()
+        tokens = shard(calibration_tokens(lm.tokenizer, resolve_calib_texts(calib), calib_samples, calib_len,
+                                          seed=seed))
+        calib_info = {"calib": calib, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed}
+    t0 = time.perf_counter()
+    qweights = quantize_model(lm.model, scheme, block_method, tokens=tokens, device=device, progress=progress)
+    seconds = time.perf_counter() - t0
+    recipe: dict[str, Any] = {"lowbit_version": __version__, "method": method, "source_model": str(lm.path),
+                              "storage_dtype": str(store).removeprefix("torch."),
+                              "quantize_seconds": round(seconds, 2), **calib_info}
+    if method == "smoothquant":
+        recipe["alpha"] = alpha
+        recipe["smoothed_groups"] = len(block_method.smooth_scales)
+    rank, size = world()
+    if rank == 0:
+        save_w8a8(lm.model, qweights, out, scheme=scheme, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
+                  overwrite=force, input_scales=getattr(block_method, "input_scales", None) or None)
+    if size > 1:
+        torch.distributed.barrier()
+    path = Path(out)
+    kept = sorted(n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in qweights)
+    return QuantizeResult(path, scheme, method, seconds, model_size_bytes(path), bits_per_weight(qweights),
+                          len(qweights), kept)
+
+
 def _quantize_datatype(lm: LoadedModel, scheme: DataTypeScheme, out: str | Path, *, calib: str | None,
                        calib_samples: int, calib_len: int, dtype: torch.dtype | None, device: str, force: bool,
                        seed: int, progress: bool) -> QuantizeResult:
@@ -234,7 +283,10 @@ def artifact_kind(path: str | Path) -> str | None:
         return "awq"
     if qc.get("quant_method") == "compressed-tensors":
         from lowbit.formats.ct_float import is_fp8_artifact
+        from lowbit.formats.ct_int8 import is_w8a8_artifact
 
+        if is_w8a8_artifact(config):
+            return "w8a8"
         return "float8" if is_fp8_artifact(config) else "pack-quantized"
     return None
 
@@ -250,6 +302,10 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
         from lowbit.formats.bitsandbytes import load_bnb
 
         return load_bnb(path, dtype=dtype)[0]
+    if kind == "w8a8":
+        from lowbit.formats.ct_int8 import load_w8a8
+
+        return load_w8a8(path, dtype=dtype)[0]
     if kind == "awq":
         from lowbit.formats.awq_gemm import load_awq_gemm
 
