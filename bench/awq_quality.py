@@ -53,7 +53,7 @@ def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argpars
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["gemma3-270m", "qwen2.5-coder-0.5b"])
-    p.add_argument("--schemes", nargs="+", default=["W4A16_ASYM", "W3A16_ASYM"])
+    p.add_argument("--schemes", nargs="*", default=["W4A16_ASYM", "W3A16_ASYM"])
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512)

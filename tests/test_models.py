@@ -153,12 +153,13 @@ def test_bad_gguf(tiny_llama_dir, tmp_path):
             load_model(path)
 
 
-def test_quantized_artifact_is_refused(tiny_llama_dir):
+@pytest.mark.parametrize("method", ["compressed-tensors", "bitsandbytes", "awq"])
+def test_quantized_artifact_is_refused(tiny_llama_dir, method):
     cfg_path = tiny_llama_dir / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    cfg["quantization_config"] = {"quant_method": method, "format": "pack-quantized"}
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="load_quantized"):
+    with pytest.raises(ModelLoadError, match=f"quantized artifact \\({method}\\).*load_artifact"):
         load_model(tiny_llama_dir)
 
 
