@@ -176,6 +176,16 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
                           len(qweights), kept)
 
 
+def _calibration(lm: LoadedModel, needed: bool, calib: str | None, samples: int, length: int, seed: int
+                 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """This rank's calibration tokens and their recipe entry, or ``(None, {})`` when not ``needed``."""
+    if not needed:
+        return None, {}
+    calib = calib or default_calib()
+    tokens = shard(calibration_tokens(lm.tokenizer, resolve_calib_texts(calib), samples, length, seed=seed))
+    return tokens, {"calib": calib, "calib_samples": samples, "calib_len": length, "seed": seed}
+
+
 def _quantize_w8a8(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, method: str, alpha: float,
                    calib: str | None, calib_samples: int, calib_len: int, dtype: torch.dtype | None, device: str,
                    force: bool, seed: int, progress: bool) -> QuantizeResult:
@@ -191,13 +201,7 @@ def _quantize_w8a8(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, met
         block_method = SmoothQuantMethod(scheme, alpha=alpha if method == "smoothquant" else None, scale_dtype=store)
     else:
         block_method = make_method("rtn", scheme, scale_dtype=store)
-    tokens = None
-    calib_info: dict[str, Any] = {}
-    if block_method.needs_calibration:
-        calib = calib or default_calib()
-        tokens = shard(calibration_tokens(lm.tokenizer, resolve_calib_texts(calib), calib_samples, calib_len,
-                                          seed=seed))
-        calib_info = {"calib": calib, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed}
+    tokens, calib_info = _calibration(lm, block_method.needs_calibration, calib, calib_samples, calib_len, seed)
     t0 = time.perf_counter()
     qweights = quantize_model(lm.model, scheme, block_method, tokens=tokens, device=device, progress=progress)
     seconds = time.perf_counter() - t0
@@ -229,13 +233,7 @@ def _quantize_datatype(lm: LoadedModel, scheme: DataTypeScheme, out: str | Path,
 
     store = dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
     method = DataTypeMethod(scheme, scale_dtype=store)
-    tokens = None
-    calib_info: dict[str, Any] = {}
-    if method.needs_calibration:
-        calib = calib or default_calib()
-        tokens = shard(calibration_tokens(lm.tokenizer, resolve_calib_texts(calib), calib_samples, calib_len,
-                                          seed=seed))
-        calib_info = {"calib": calib, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed}
+    tokens, calib_info = _calibration(lm, method.needs_calibration, calib, calib_samples, calib_len, seed)
     t0 = time.perf_counter()
     weights: dict[str, Any] = quantize_model(lm.model, None, method, tokens=tokens,  # type: ignore[arg-type]
                                              device=device, progress=progress)
