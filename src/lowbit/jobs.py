@@ -99,7 +99,7 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
                                   dtype=dtype, device=device, force=force, seed=seed, progress=progress)
     if method not in METHODS:
         raise LowbitError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
-    store = dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
+    store = _storage_dtype(lm, dtype)
     gptq = gptq or GPTQConfig(search=search)
     preset = None
     if awq_load is not None:
@@ -168,12 +168,22 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
     elif rank == 0:
         save_quantized(lm.model, qweights, out, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
                        overwrite=force, actorder=actorder)
-    if size > 1:
+    return _result(lm, out, scheme, method, seconds, qweights, bits_per_weight(qweights))
+
+
+def _storage_dtype(lm: LoadedModel, dtype: torch.dtype | None) -> torch.dtype:
+    """Dtype of scales and unquantized tensors: ``dtype``, else the checkpoint's (bf16 for float32 ones)."""
+    return dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
+
+
+def _result(lm: LoadedModel, out: str | Path, scheme: QuantScheme | DataTypeScheme, method: str, seconds: float,
+            weights: dict[str, Any], bpw: float) -> QuantizeResult:
+    """Wait for rank 0's write (under torchrun), then describe the artifact at ``out``."""
+    if world()[1] > 1:
         torch.distributed.barrier()
     path = Path(out)
-    kept = sorted(n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in qweights)
-    return QuantizeResult(path, scheme, method, seconds, model_size_bytes(path), bits_per_weight(qweights),
-                          len(qweights), kept)
+    kept = sorted(n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in weights)
+    return QuantizeResult(path, scheme, method, seconds, model_size_bytes(path), bpw, len(weights), kept)
 
 
 def _calibration(lm: LoadedModel, needed: bool, calib: str | None, samples: int, length: int, seed: int
@@ -195,7 +205,7 @@ def _quantize_w8a8(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, met
 
     if method not in ("rtn", "smoothquant"):
         raise LowbitError(f"{scheme.name or scheme.label} takes --method rtn or smoothquant, not {method!r}")
-    store = dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
+    store = _storage_dtype(lm, dtype)
     block_method: Any
     if method == "smoothquant" or scheme.act_strategy == "tensor":
         block_method = SmoothQuantMethod(scheme, alpha=alpha if method == "smoothquant" else None, scale_dtype=store)
@@ -211,16 +221,11 @@ def _quantize_w8a8(lm: LoadedModel, scheme: QuantScheme, out: str | Path, *, met
     if method == "smoothquant":
         recipe["alpha"] = alpha
         recipe["smoothed_groups"] = len(block_method.smooth_scales)
-    rank, size = world()
+    rank = world()[0]
     if rank == 0:
         save_w8a8(lm.model, qweights, out, scheme=scheme, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
                   overwrite=force, input_scales=getattr(block_method, "input_scales", None) or None)
-    if size > 1:
-        torch.distributed.barrier()
-    path = Path(out)
-    kept = sorted(n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in qweights)
-    return QuantizeResult(path, scheme, method, seconds, model_size_bytes(path), bits_per_weight(qweights),
-                          len(qweights), kept)
+    return _result(lm, out, scheme, method, seconds, qweights, bits_per_weight(qweights))
 
 
 def _quantize_datatype(lm: LoadedModel, scheme: DataTypeScheme, out: str | Path, *, calib: str | None,
@@ -231,7 +236,7 @@ def _quantize_datatype(lm: LoadedModel, scheme: DataTypeScheme, out: str | Path,
     from lowbit.formats.ct_float import save_fp8
     from lowbit.pipeline.datatypes import DataTypeMethod
 
-    store = dtype or (lm.storage_dtype if lm.storage_dtype != torch.float32 else torch.bfloat16)
+    store = _storage_dtype(lm, dtype)
     method = DataTypeMethod(scheme, scale_dtype=store)
     tokens, calib_info = _calibration(lm, method.needs_calibration, calib, calib_samples, calib_len, seed)
     t0 = time.perf_counter()
@@ -245,19 +250,15 @@ def _quantize_datatype(lm: LoadedModel, scheme: DataTypeScheme, out: str | Path,
         recipe["int8_outlier_columns"] = method.outlier_columns
         log.info("LLM.int8: %d calibrated outlier columns over %d layers (threshold %g)",
                  sum(method.outlier_columns.values()), len(method.outlier_columns), scheme.threshold)
-    rank, size = world()
+    rank = world()[0]
     if rank == 0:
         save = save_fp8 if scheme.dtype == "fp8_e4m3" else save_bnb
         save(lm.model, weights, out, scheme=scheme, tokenizer=lm.tokenizer, recipe=recipe, dtype=store,
              overwrite=force)
-    if size > 1:
-        torch.distributed.barrier()
-    path = Path(out)
-    kept = sorted(n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in weights)
     total = sum(w.shape[0] * w.shape[1] for w in weights.values())
     bpw = sum(w.shape[0] * w.shape[1] * scheme.bits_per_weight(w.shape[1], w.shape[0])
               for w in weights.values()) / max(total, 1)
-    return QuantizeResult(path, scheme, scheme.dtype, seconds, model_size_bytes(path), bpw, len(weights), kept)
+    return _result(lm, out, scheme, scheme.dtype, seconds, weights, bpw)
 
 
 def quantize(model: str, scheme: QuantScheme | DataTypeScheme, out: str | Path, **kw: Any) -> QuantizeResult:
