@@ -1,4 +1,4 @@
-"""Command line: ``lowbit run | quantize | eval | models``.
+"""Command line: ``lowbit run | quantize | eval | models``, plus GGUF (cli_gguf) and serving (cli_serve).
 
 Errors on bad input (:class:`~lowbit.core.errors.LowbitError`) print one clear line and exit 2.
 """
@@ -94,7 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
 
     sub.add_parser("models", help="list the offline model sources")
+    from lowbit import cli_gguf, cli_serve
+
+    EXTRA.update(cli_gguf.register(sub))
+    EXTRA.update(cli_serve.register(sub))
     return p
+
+
+EXTRA: dict[str, Any] = {}  # handlers of the sub-commands registered by cli_gguf / cli_serve
 
 
 _TEXT_COLUMNS = ("name", "method", "scheme", "model", "architecture", "gguf", "licence", "cached")
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval, "models": cmd_models}[a.command](a)
+        {"run": cmd_run, "quantize": cmd_quantize, "eval": cmd_eval, "models": cmd_models, **EXTRA}[a.command](a)
     except LowbitError as e:
         err_console.print(f"[bold red]error:[/] {e}")
         return 2
