@@ -1,0 +1,128 @@
+"""Write a GGUF file for llama.cpp from a Hugging Face folder: convert, pick tensor types, quantize, stream.
+
+The container is the ``gguf`` package's ``GGUFWriter``; tensors are announced first (name, shape, type,
+byte size), then quantized and written one at a time, so memory stays near one tensor. Tensor order and
+types are llama.cpp's (``ftypes.plan_types``); the bytes of each quantized tensor are those of
+``ggml_quantize_chunk`` (``encode.quantize_rows``). The file appears under its name only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from lowbit import __version__
+from lowbit.core.errors import LowbitError
+from lowbit.formats.gguf.convert import HFSource, add_arch_metadata, gguf_tensors
+from lowbit.formats.gguf.encode import quantize_rows
+from lowbit.formats.gguf.ftypes import get_file_type, llama_order, plan_types
+from lowbit.formats.gguf.imatrix import Imatrix
+from lowbit.formats.gguf.vocab import load_vocab
+
+log = logging.getLogger(__name__)
+Q = gguf.GGMLQuantizationType
+
+
+@dataclass
+class GGUFReport:
+    """What :func:`write_gguf` wrote."""
+
+    path: Path
+    file_type: str
+    types: dict[str, str]
+    fell_back: list[str]
+    no_imatrix: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+    n_params: int = 0
+    seconds: float = 0.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.size_bytes / max(1, self.n_params)
+
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.types.values():
+            out[t] = out.get(t, 0) + 1
+        return dict(sorted(out.items()))
+
+
+def _byte_shape(shape: tuple[int, ...], t: Q) -> tuple[int, ...]:
+    if t in (Q.F32, Q.F16):
+        return shape
+    blck, size = gguf.GGML_QUANT_SIZES[t]
+    return (*shape[:-1], shape[-1] // blck * size)
+
+
+def _np_dtype(t: Q) -> type:
+    return np.float32 if t == Q.F32 else np.float16 if t == Q.F16 else np.uint8
+
+
+def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *, imatrix: Imatrix | None = None,
+               name: str | None = None, device: str | None = None,
+               progress: Callable[[int, int, str], None] | None = None) -> GGUFReport:
+    """Convert the Hugging Face model in ``folder`` to GGUF ``file_type`` at ``out`` (llama.cpp's mixing rules).
+
+    ``imatrix`` (keys: GGUF tensor names) weights the rounding of the types that use one, as llama.cpp does.
+    """
+    t0 = time.perf_counter()
+    ftype, _ = get_file_type(file_type)
+    src = HFSource(folder)
+    tensors = gguf_tensors(src)
+    shapes = {n: s for n, (s, _) in tensors.items()}
+    types, fell = plan_types(shapes, file_type, src.shape(), has_imatrix=imatrix is not None)
+    out = Path(out)
+    if out.is_dir():
+        raise LowbitError(f"{out} is a folder; give the .gguf file path to write")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    n_vocab = shapes["token_embd.weight"][0]
+    w = gguf.GGUFWriter(tmp, src.spec.name, use_temp_file=False)
+    try:
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(name or str(src.config.get("_name_or_path") or src.folder.name))
+        w.add_quantized_by(f"lowbit {__version__}")
+        add_arch_metadata(w, src)
+        w.add_file_type(int(ftype))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        load_vocab(src.folder, n_vocab).add_to(w, src.folder, n_vocab)
+        order = llama_order(list(tensors))
+        for n in order:
+            t = types[n]
+            w.add_tensor_info(n, _byte_shape(shapes[n], t), np.dtype(_np_dtype(t)),
+                              int(np.prod(_byte_shape(shapes[n], t))) * np.dtype(_np_dtype(t)).itemsize,
+                              raw_dtype=None if t in (Q.F32, Q.F16) else t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        no_im: list[str] = []
+        for i, n in enumerate(order):
+            if progress:
+                progress(i, len(order), n)
+            data = tensors[n][1]()
+            t = types[n]
+            im = None
+            if imatrix is not None and t not in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
+                im = imatrix.weights(n)
+                if im is None:
+                    no_im.append(n)
+            rows = data.reshape(-1, data.shape[-1])
+            q = quantize_rows(rows, t, im, device=device) if t != Q.F32 else rows.astype(np.float32)
+            w.write_tensor_data(np.ascontiguousarray(q).reshape(_byte_shape(shapes[n], t)))
+        w.close()
+        tmp.replace(out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    n_params = sum(int(np.prod(s)) for s in shapes.values())
+    rep = GGUFReport(out, file_type.upper(), {n: types[n].name for n in order}, fell, no_im,
+                     out.stat().st_size, n_params, time.perf_counter() - t0)
+    log.info("wrote %s: %s, %.2f bits/weight, %s", out, rep.file_type, rep.bits_per_weight, rep.type_counts())
+    return rep
