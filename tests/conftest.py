@@ -50,7 +50,7 @@ def make_tiny_tokenizer():  # type: ignore[no-untyped-def]
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def _config(arch: str):  # type: ignore[no-untyped-def]
+def _config(arch: str, **overrides):  # type: ignore[no-untyped-def]
     import transformers as tf
 
     common = dict(
@@ -58,6 +58,7 @@ def _config(arch: str):  # type: ignore[no-untyped-def]
         num_key_value_heads=2, vocab_size=VOCAB_SIZE, max_position_embeddings=128,
         bos_token_id=1, eos_token_id=2,
     )
+    common.update(overrides)
     if arch == "llama":
         return tf.LlamaConfig(**common), tf.LlamaForCausalLM
     if arch == "qwen2":
@@ -65,15 +66,20 @@ def _config(arch: str):  # type: ignore[no-untyped-def]
     if arch == "mistral":
         return tf.MistralConfig(**common, sliding_window=None), tf.MistralForCausalLM
     if arch == "gemma3":
-        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=32), tf.Gemma3ForCausalLM
+        cfg = tf.Gemma3TextConfig(**{"head_dim": 16, "query_pre_attn_scalar": 16, **common}, sliding_window=32)
+        return cfg, tf.Gemma3ForCausalLM
     raise ValueError(f"unknown tiny arch {arch!r}; use one of {ARCHS}")
 
 
-def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, dtype: str = "float32") -> Path:
-    """Save a randomly initialised tiny ``arch`` causal LM plus tokenizer into ``path``; return it."""
+def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, dtype: str = "float32",
+                        **overrides) -> Path:
+    """Save a randomly initialised tiny ``arch`` causal LM plus tokenizer into ``path``; return it.
+
+    ``overrides`` replace config fields (e.g. ``hidden_size=256`` for k-quant-sized rows).
+    """
     import torch
 
-    config, cls = _config(arch)
+    config, cls = _config(arch, **overrides)
     torch.manual_seed(seed)
     model = cls(config).eval()
     model.to(getattr(torch, dtype))

@@ -251,7 +251,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
                 ctx = BlockContext(i, block, block_linears(block, spec, i), spec, dev, hidden, kwargs[i])
                 qws = method.quantize_block(ctx)
                 missing = set(ctx.linears) - set(qws)
-                if missing:
+                if missing and not getattr(method, "collect_only", False):
                     raise LowbitError(f"block {i}: method returned no weight for {sorted(missing)}")
                 for n, qw in qws.items():
                     lin = ctx.linears[n]

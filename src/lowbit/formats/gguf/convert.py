@@ -19,6 +19,7 @@ of memory beyond the output.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from lowbit.core.errors import LowbitError
 from lowbit.formats.gguf.ftypes import ModelShape
 
 A = gguf.MODEL_ARCH
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,11 @@ def add_arch_metadata(w: gguf.GGUFWriter, src: HFSource) -> None:
         w.add_vocab_size(int(cfg["vocab_size"]))
         w.add_rope_dimension_count(src.head_dim)
     if spec.arch == A.GEMMA3:
+        qpas = cfg.get("query_pre_attn_scalar")
+        if qpas is not None and qpas not in (src.head_dim, cfg["hidden_size"] // cfg["num_attention_heads"]):
+            log.warning("query_pre_attn_scalar=%s differs from head_dim=%d: llama.cpp scales attention by "
+                        "1/sqrt(head_dim) for Gemma 3, so its outputs will differ from transformers'", qpas,
+                        src.head_dim)
         if (cap := cfg.get("final_logit_softcapping")):
             w.add_final_logit_softcapping(float(cap))
         if cfg.get("sliding_window_pattern") != 1 and cfg.get("sliding_window"):

@@ -66,12 +66,21 @@ def _looks_special(tok: str) -> bool:
             or (tok.startswith("<｜") and tok.endswith("｜>")) or (tok.startswith("<unused") and tok.endswith(">")))
 
 
-def _pre_tokenizer(folder: Path) -> str:
+def _is_gpt2_pre(pre: dict[str, Any] | None) -> bool:
+    """tokenizer.json's pre-tokenizer is plain GPT-2 byte-level splitting (its regex, nothing else)."""
+    if pre and pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 1:
+        pre = pre["pretokenizers"][0]
+    return bool(pre) and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)  # type: ignore[union-attr]
+
+
+def _pre_tokenizer(folder: Path, tj: dict[str, Any]) -> str:
     from transformers import AutoTokenizer
 
     table = json.loads(_PRE.read_text(encoding="utf-8"))
     tok = AutoTokenizer.from_pretrained(str(folder))
     h = sha256(str(tok.encode(table["chktxt"])).encode()).hexdigest()
+    if h not in table["hashes"] and _is_gpt2_pre(tj.get("pre_tokenizer")):
+        return "gpt-2"  # a tokenizer trained by the user with GPT-2's splitting: llama.cpp's "gpt-2" is exact
     if h not in table["hashes"]:
         raise LowbitError(
             f"the BPE pre-tokenizer of {folder} is unknown to llama.cpp (probe hash {h}): llama.cpp would split "
@@ -109,7 +118,7 @@ def _hf_token_list(tj: dict[str, Any], n_vocab: int) -> tuple[list[str], list[in
 
 def _gpt2_vocab(folder: Path, tj: dict[str, Any], n_vocab: int) -> GGUFVocab:
     tokens, types, _ = _hf_token_list(tj, n_vocab)
-    return GGUFVocab("gpt2", _pre_tokenizer(folder), tokens, types, merges=_merges(tj["model"]))
+    return GGUFVocab("gpt2", _pre_tokenizer(folder, tj), tokens, types, merges=_merges(tj["model"]))
 
 
 def _spm_bpe_vocab(tj: dict[str, Any], n_vocab: int) -> GGUFVocab:

@@ -65,11 +65,12 @@ def _np_dtype(t: Q) -> type:
 
 
 def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *, imatrix: Imatrix | None = None,
-               name: str | None = None, device: str | None = None,
+               name: str | None = None, device: str | None = None, vocab_only: bool = False,
                progress: Callable[[int, int, str], None] | None = None) -> GGUFReport:
     """Convert the Hugging Face model in ``folder`` to GGUF ``file_type`` at ``out`` (llama.cpp's mixing rules).
 
     ``imatrix`` (keys: GGUF tensor names) weights the rounding of the types that use one, as llama.cpp does.
+    ``vocab_only`` writes the metadata and tokenizer without tensors (llama.cpp loads it with ``vocab_only``).
     """
     t0 = time.perf_counter()
     ftype, _ = get_file_type(file_type)
@@ -92,7 +93,7 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         load_vocab(src.folder, n_vocab).add_to(w, src.folder, n_vocab)
-        order = llama_order(list(tensors))
+        order = [] if vocab_only else llama_order(list(tensors))
         for n in order:
             t = types[n]
             w.add_tensor_info(n, _byte_shape(shapes[n], t), np.dtype(_np_dtype(t)),
@@ -114,14 +115,17 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
                     no_im.append(n)
             rows = data.reshape(-1, data.shape[-1])
             q = quantize_rows(rows, t, im, device=device) if t != Q.F32 else rows.astype(np.float32)
-            w.write_tensor_data(np.ascontiguousarray(q).reshape(_byte_shape(shapes[n], t)))
+            q = np.ascontiguousarray(q)
+            if t == Q.F16 and q.dtype == np.uint8:
+                q = q.view(np.float16)
+            w.write_tensor_data(q.reshape(_byte_shape(shapes[n], t)))
         w.close()
         tmp.replace(out)
     except BaseException:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    n_params = sum(int(np.prod(s)) for s in shapes.values())
+    n_params = sum(int(np.prod(shapes[n])) for n in order)
     rep = GGUFReport(out, file_type.upper(), {n: types[n].name for n in order}, fell, no_im,
                      out.stat().st_size, n_params, time.perf_counter() - t0)
     log.info("wrote %s: %s, %.2f bits/weight, %s", out, rep.file_type, rep.bits_per_weight, rep.type_counts())

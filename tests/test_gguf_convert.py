@@ -1,0 +1,148 @@
+"""HF -> GGUF conversion: llama.cpp (llama-cpp-python) loads our files and computes what transformers computes;
+whole files are byte-identical to llama.cpp's own quantizer (``llama_model_quantize``) on the same F32 input."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import ARCHS, make_tiny_model_dir
+
+from lowbit.core.errors import LowbitError
+from lowbit.formats.gguf.ftypes import FILE_TYPES
+from lowbit.formats.gguf.imatrix import Imatrix, load_imatrix, save_imatrix
+from lowbit.formats.gguf.writer import write_gguf
+
+TEXTS = ["the quick brown fox jumps over the lazy dog", "  two  spaces, tabs\t and 12345 digits!",
+         "hello world this is a test of the tokenizer"]
+
+
+def _llama(path: Path, **kw):  # type: ignore[no-untyped-def]
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:  # CI installs it: a missing client is a failure, not a skip
+        raise AssertionError("llama-cpp-python is required for the GGUF tests (see .ci/run)") from e
+    return Llama(model_path=str(path), verbose=False, n_threads=1, **kw)
+
+
+def _hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f32_file_computes_what_transformers_computes(tmp_path: Path, arch: str) -> None:
+    folder = make_tiny_model_dir(tmp_path / arch, arch)
+    out = write_gguf(folder, tmp_path / "m.gguf", "F32").path
+    llm = _llama(out, n_ctx=64, logits_all=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    for t in TEXTS:
+        assert llm.tokenize(t.encode(), add_bos=False, special=False) == tok.encode(t, add_special_tokens=False)
+    ids = [1] + tok.encode(TEXTS[0], add_special_tokens=False)
+    llm.reset()
+    llm.eval(ids)
+    ours = np.asarray(llm.scores[: len(ids)])
+    ref = _hf_logits(folder, ids)
+    assert np.abs(ours - ref).max() < 1e-3 * max(1.0, np.abs(ref).max()), arch
+    r = gguf.GGUFReader(out)
+    expected = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}[arch]
+    assert r.fields["general.architecture"].contents() == expected
+
+
+def _llama_quantize(src: Path, dst: Path, ftype: str) -> None:
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = int(FILE_TYPES[ftype][0])
+    p.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def kq_model(tmp_path_factory) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    """A tiny Llama whose rows are multiples of 256 (k-quants apply, no fallback) and its F32 GGUF."""
+    d = tmp_path_factory.mktemp("kq")
+    folder = make_tiny_model_dir(d / "hf", "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                                 num_attention_heads=4, num_key_value_heads=1)
+    return folder, write_gguf(folder, d / "f32.gguf", "F32").path
+
+
+@pytest.mark.parametrize("ftype", [f for f in FILE_TYPES if f not in ("F32",)])
+def test_whole_file_byte_identical_to_llama_quantize(tmp_path: Path, kq_model: tuple[Path, Path], ftype: str) -> None:
+    folder, f32 = kq_model
+    ours = write_gguf(folder, tmp_path / "ours.gguf", ftype)
+    _llama_quantize(f32, tmp_path / "ref.gguf", ftype)
+    a, b = _tensors(ours.path), _tensors(tmp_path / "ref.gguf")
+    assert list(a) == list(b), "tensor order differs from llama.cpp's"
+    assert {n: t for n, (t, _) in a.items()} == {n: t for n, (t, _) in b.items()}, "tensor types differ"
+    assert [n for n in a if a[n][1] != b[n][1]] == []
+
+
+def test_imatrix_file_round_trip_and_weights(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    im = Imatrix(datasets=["c4"], chunk_count=3, chunk_size=16)
+    im.sums["blk.0.attn_q.weight"] = rng.random((1, 64), dtype=np.float32) * 48
+    im.counts["blk.0.attn_q.weight"] = np.array([48.0], dtype=np.float32)
+    im.sums["blk.0.ffn_down.weight"] = rng.random((1, 32), dtype=np.float32)
+    im.counts["blk.0.ffn_down.weight"] = np.array([0.0], dtype=np.float32)
+    back = load_imatrix(save_imatrix(im, tmp_path / "im.gguf"))
+    assert back.names() == im.names() and back.datasets == ["c4"] and back.chunk_count == 3
+    w = back.weights("blk.0.attn_q.weight")
+    assert w is not None and np.array_equal(w, (im.sums["blk.0.attn_q.weight"] / np.float32(48)).reshape(-1))
+    assert np.array_equal(back.weights("blk.0.ffn_down.weight"), np.ones(32, np.float32))  # no tokens: 1
+    # llama.cpp's legacy .dat: E[x^2] * ncall per entry, ncall, then chunk count and dataset name
+    legacy = tmp_path / "im.dat"
+    vals = (rng.random(16, dtype=np.float32) * 5).astype("<f4")
+    name = b"blk.1.attn_k.weight"
+    legacy.write_bytes(np.int32(1).tobytes() + np.int32(len(name)).tobytes() + name + np.int32(5).tobytes()
+                       + np.int32(16).tobytes() + vals.tobytes() + np.int32(7).tobytes() + np.int32(2).tobytes()
+                       + b"c4")
+    old = load_imatrix(legacy)
+    assert old.chunk_count == 7 and old.datasets == ["c4"]
+    assert np.array_equal(old.weights("blk.1.attn_k.weight"), vals / np.float32(5))
+    legacy.write_bytes(b"\x01\x00\x00\x00\xff")
+    with pytest.raises(LowbitError, match="imatrix"):
+        load_imatrix(legacy)
+
+
+def test_unknown_architecture_is_a_clear_error(tmp_path: Path) -> None:
+    folder = make_tiny_model_dir(tmp_path / "m", "llama")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["FalconForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LowbitError, match="no GGUF mapping"):
+        write_gguf(folder, tmp_path / "x.gguf", "F16")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
+def test_real_tokenizers_match_transformers_in_llama_cpp(tmp_path: Path, name: str) -> None:
+    """Vocab-only GGUF of each real model: llama.cpp splits text exactly as transformers does."""
+    from transformers import AutoTokenizer
+
+    from lowbit.data import wikitext2_test
+    from lowbit.models.sources import ensure_source
+
+    folder = ensure_source(name)
+    out = write_gguf(folder, tmp_path / "vocab.gguf", "F16", vocab_only=True).path
+    llm = _llama(out, vocab_only=True)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    text = wikitext2_test()[:20000]
+    samples = [*TEXTS, "def f(x):\n    return x ** 2  # ok", "Ünïcödé 日本語 🚀🦙 ...", text]
+    for t in samples:
+        assert llm.tokenize(t.encode(), add_bos=False, special=False) == tok.encode(t, add_special_tokens=False)
