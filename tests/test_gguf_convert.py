@@ -11,8 +11,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHS, make_tiny_model_dir
 
+from conftest import ARCHS, make_tiny_model_dir
 from lowbit.core.errors import LowbitError
 from lowbit.formats.gguf.ftypes import FILE_TYPES
 from lowbit.formats.gguf.imatrix import Imatrix, load_imatrix, save_imatrix

@@ -100,7 +100,8 @@ def _hf_token_list(tj: dict[str, Any], n_vocab: int) -> tuple[list[str], list[in
     for i, a in added.items():
         by_id[i] = a["content"]
     n = max(n_vocab, max(by_id) + 1)
-    tokens, types = [], []
+    tokens: list[str] = []
+    types: list[int] = []
     for i in range(n):
         if i not in by_id:
             tokens.append(f"[PAD{i}]")
@@ -145,7 +146,9 @@ def _sentencepiece_vocab(path: Path, n_vocab: int) -> GGUFVocab:
     from sentencepiece import SentencePieceProcessor
 
     sp = SentencePieceProcessor(model_file=str(path))
-    tokens, scores, types = [], [], []
+    tokens: list[str] = []
+    scores: list[float] = []
+    types: list[int] = []
     for i in range(sp.vocab_size()):
         tokens.append(sp.id_to_piece(i))
         scores.append(sp.get_score(i))
