@@ -146,3 +146,33 @@ def test_real_tokenizers_match_transformers_in_llama_cpp(tmp_path: Path, name: s
     samples = [*TEXTS, "def f(x):\n    return x ** 2  # ok", "Ünïcödé 日本語 🚀🦙 ...", text]
     for t in samples:
         assert llm.tokenize(t.encode(), add_bos=False, special=False) == tok.encode(t, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q3_K_S", "Q2_K", "Q5_K_M", "Q6_K", "Q4_0", "Q5_1"])
+def test_whole_file_with_imatrix_equals_ggml_per_tensor(tmp_path: Path, kq_model: tuple[Path, Path],
+                                                        ftype: str) -> None:
+    """With an imatrix every tensor is what ggml_quantize_chunk writes given E[x^2] = in_sum2 / counts."""
+    from gguf_ref import ggml_quantize_ref
+
+    folder, f32 = kq_model
+    src = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1, int(t.shape[0]))
+           for t in gguf.GGUFReader(f32).tensors}
+    rng = np.random.default_rng(1)
+    im = Imatrix(datasets=["random"], chunk_count=1, chunk_size=64)
+    for n, a in src.items():
+        if n.startswith("blk.") and n.endswith(".weight") and "norm" not in n:
+            im.sums[n] = (rng.random((1, a.shape[1]), dtype=np.float32) ** 3 * 64).astype(np.float32)
+            im.counts[n] = np.array([64.0], dtype=np.float32)
+    ours = write_gguf(folder, tmp_path / "ours.gguf", ftype, imatrix=load_imatrix(save_imatrix(im, tmp_path / "i")))
+    _llama_quantize(f32, tmp_path / "ref.gguf", ftype)  # tensor types without imatrix: the same for these types
+    ref_types = {n: t for n, (t, _) in _tensors(tmp_path / "ref.gguf").items()}
+    if ftype == "Q4_0":  # with an imatrix llama.cpp moves the first eighth of ffn_down to Q4_1
+        ref_types["blk.0.ffn_down.weight"] = "Q4_1"
+    got = _tensors(ours.path)
+    assert {n: t for n, (t, _) in got.items()} == ref_types
+    for n, (t, b) in got.items():
+        if t in ("F32", "F16", "BF16", "Q8_0"):
+            continue
+        w = im.weights(n)
+        expected = ggml_quantize_ref(src[n], gguf.GGMLQuantizationType[t], w)
+        assert b == expected.tobytes(), f"{n} ({t}) differs from ggml_quantize_chunk with the imatrix"
