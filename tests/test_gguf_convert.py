@@ -176,3 +176,32 @@ def test_whole_file_with_imatrix_equals_ggml_per_tensor(tmp_path: Path, kq_model
         w = im.weights(n)
         expected = ggml_quantize_ref(src[n], gguf.GGMLQuantizationType[t], w)
         assert b == expected.tobytes(), f"{n} ({t}) differs from ggml_quantize_chunk with the imatrix"
+
+
+@pytest.mark.parametrize(("preset", "gs", "expect"), [("W4A16", 32, "Q4_0"), ("W4A16_ASYM", 32, "Q4_1"),
+                                                      ("W8A16", 32, "Q8_0"), ("W4A16", 64, "Q5_0")])
+def test_lowbit_artifact_to_gguf_keeps_codes(tmp_path: Path, preset: str, gs: int, expect: str) -> None:
+    """A lowbit RTN artifact exports without re-quantizing when the grid fits a GGUF type; llama.cpp then
+    computes what lowbit's own loader computes from the artifact."""
+    from lowbit.core.scheme import get_scheme
+    from lowbit.jobs import load_artifact, quantize
+
+    folder = make_tiny_model_dir(tmp_path / "hf", "llama")
+    art = quantize(str(folder), get_scheme(preset, group_size=gs), tmp_path / "art", progress=False).path
+    rep = write_gguf(art, tmp_path / "m.gguf", "auto")
+    linears = [n for n in rep.types if n.startswith("blk.") and "norm" not in n]
+    assert {rep.types[n] for n in linears} == {expect}
+    if gs == 32:  # carried over: symmetric exactly, asymmetric with the min rounded to float16
+        assert sorted(rep.carried + rep.carried_rounded) == sorted(linears) and not rep.requantized
+        assert bool(rep.carried_rounded) == preset.endswith("ASYM")
+    else:  # g64 4-bit: Q4_K's row-length fallback, re-quantized from the artifact's weights, and said so
+        assert sorted(rep.requantized) == sorted(linears)
+    ids = [1, 5, 17, 42, 99, 7, 250, 3]
+    llm = _llama(rep.path, n_ctx=32, logits_all=True)
+    llm.eval(ids)
+    ours = np.asarray(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ref = load_artifact(art)(torch.tensor([ids])).logits[0].numpy()
+    # same weights, but llama.cpp's CPU kernels round activations to 8 bits (q8_0) for these types
+    tol = 1e-2 if gs == 32 else 0.2
+    assert np.abs(ours - ref).max() < tol * max(1.0, np.abs(ref).max())

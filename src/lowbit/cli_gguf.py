@@ -25,6 +25,12 @@ def cmd_gguf(a: argparse.Namespace) -> None:
     from lowbit.gguf_jobs import export_gguf
 
     rep = export_gguf(a.model, a.out, a.type, imatrix=a.imatrix, device=_device(a.device), force=a.force)
+    if rep.carried or rep.carried_rounded or rep.requantized:
+        console.print(f"lowbit codes carried over as they are: {len(rep.carried)} tensor(s); carried with the "
+                      f"float16 rounding of a scale or min: {len(rep.carried_rounded)}; re-quantized to the file's "
+                      f"type: {len(rep.requantized)}" + (f" ({', '.join(rep.requantized[:4])}"
+                                                          f"{', ...' if len(rep.requantized) > 4 else ''})"
+                                                          if rep.requantized else ""))
     counts = ", ".join(f"{k} x{v}" for k, v in rep.type_counts().items())
     console.print(f"wrote {rep.path}: {rep.file_type}, {rep.size_bytes / 1e6:.1f} MB, {rep.bits_per_weight:.2f} "
                   f"bits/weight, {rep.seconds:.1f} s; tensor types: {counts}")
@@ -50,8 +56,9 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     g = sub.add_parser("gguf", help="write a GGUF file for llama.cpp / Ollama (any file type, with an imatrix)")
     g.add_argument("model", help="offline source name, model folder, .gguf file or hub id")
     g.add_argument("-o", "--out", required=True, help="output .gguf file")
-    g.add_argument("--type", default="Q4_K_M", type=str.upper, choices=list(FILE_TYPES),
-                   help="GGUF file type (llama.cpp's mixing rules; default Q4_K_M)")
+    g.add_argument("--type", default=None, type=str.upper, choices=[*FILE_TYPES, "AUTO"],
+                   help="GGUF file type with llama.cpp's mixing rules (default Q4_K_M); AUTO (the default for a "
+                        "lowbit-quantized folder): the type closest to its scheme, keeping its codes where they fit")
     g.add_argument("--imatrix", default=None, help="importance matrix (GGUF or legacy .dat, ours or llama.cpp's)")
     g.add_argument("--device", default="cpu", help="where the encoders run: cpu, cuda, auto")
     g.add_argument("--force", action="store_true", help="replace an existing output file")

@@ -55,15 +55,23 @@ def model_folder(spec: str, scratch: Path) -> Iterator[Path]:
                               f"id: {e})") from e
 
 
-def export_gguf(spec: str, out: str | Path, file_type: str = "Q4_K_M", *, imatrix: str | Path | None = None,
+def export_gguf(spec: str, out: str | Path, file_type: str | None = None, *, imatrix: str | Path | None = None,
                 device: str | None = None, force: bool = False) -> GGUFReport:
-    """Write ``spec`` as a GGUF ``file_type`` file at ``out`` (llama.cpp's types, mixing rules and bytes)."""
+    """Write ``spec`` as a GGUF ``file_type`` file at ``out`` (llama.cpp's types, mixing rules and bytes).
+
+    ``file_type`` None: ``AUTO`` for a lowbit-quantized folder (keeps its codes where a type holds them),
+    else Q4_K_M.
+    """
     out = Path(out)
     if out.exists() and not force:
         raise LowbitError(f"{out} exists; pass --force to replace it")
     im = load_imatrix(imatrix) if imatrix else None
     out.parent.mkdir(parents=True, exist_ok=True)
     with model_folder(spec, out.parent) as folder:
+        if file_type is None:
+            from lowbit.formats.hf_folder import read_config
+
+            file_type = "AUTO" if "quantization_config" in read_config(folder) else "Q4_K_M"
         rep = write_gguf(folder, out, file_type, imatrix=im, device=device)
     if im is not None and rep.no_imatrix:
         log.warning("no imatrix entry for %d tensor(s) (quantized without one): %s", len(rep.no_imatrix),

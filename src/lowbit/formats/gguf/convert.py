@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from lowbit.core.errors import LowbitError
+from lowbit.core.qweight import QuantizedWeight
+from lowbit.core.scheme import QuantScheme
 from lowbit.formats.gguf.ftypes import ModelShape
 
 A = gguf.MODEL_ARCH
@@ -58,6 +60,16 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 TensorFn = Callable[[], np.ndarray]
+_QPARTS = (".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_g_idx")
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of the GGUF file: numpy shape, float32 loader, and for artifacts the integer codes."""
+
+    shape: tuple[int, ...]
+    load: TensorFn
+    qweight: Callable[[], QuantizedWeight] | None = None
 
 
 class HFSource:
@@ -83,6 +95,16 @@ class HFSource:
                 self.files = {k: f for k in h.keys()}  # noqa: SIM118 (safe_open is not a dict)
         else:
             raise LowbitError(f"{self.folder} has no safetensors weights (model.safetensors or its index)")
+        self.scheme: QuantScheme | None = None  # a lowbit pack-quantized artifact: the scheme of its linears
+        qc = self.config.get("quantization_config")
+        if qc:
+            if qc.get("quant_method") != "compressed-tensors":
+                raise LowbitError(f"{self.folder} is quantized with {qc.get('quant_method')!r}; GGUF export reads "
+                                  f"float checkpoints and lowbit's integer (pack-quantized) artifacts")
+            from lowbit.formats.compressed_tensors import read_scheme
+
+            self.scheme, _ = read_scheme(self.config)
+            self.has_g_idx = any(k.endswith(".weight_g_idx") for k in self.files)
         archs = self.config.get("architectures") or []
         known = [a for a in archs if a in ARCHS]
         if not known:
@@ -94,6 +116,15 @@ class HFSource:
 
         with safe_open(str(self.files[name]), "pt") as h:
             return h.get_tensor(name)
+
+    def qweight(self, linear: str) -> QuantizedWeight:
+        """The integer codes of one quantized linear of an artifact (``linear``: module name)."""
+        from lowbit.formats.compressed_tensors import unpack_tensors
+
+        assert self.scheme is not None
+        keys = [k for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+                if f"{linear}.{k}" in self.files]
+        return unpack_tensors(linear, {f"{linear}.{k}": self.get(f"{linear}.{k}") for k in keys}, self.scheme)
 
     def hp(self, *keys: str, default: Any = None) -> Any:
         for k in keys:
@@ -140,17 +171,20 @@ def _llama3_rope_factors(src: HFSource, rp: dict[str, Any]) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def gguf_tensors(src: HFSource) -> dict[str, tuple[tuple[int, ...], TensorFn]]:
-    """GGUF name -> (numpy shape, loader of the float32 array) for every tensor llama.cpp needs."""
+def gguf_tensors(src: HFSource) -> dict[str, GGUFTensor]:
+    """GGUF name -> tensor for every tensor llama.cpp needs (artifacts: quantized linears dequantized, and
+    their codes, with the same row permutation)."""
     spec, cfg = src.spec, src.config
     n_layer = int(cfg["num_hidden_layers"])
     tmap = gguf.get_tensor_name_map(spec.arch, n_layer)
     tied = bool(cfg.get("tie_word_embeddings", spec.arch == A.GEMMA3))
     n_head, n_kv = src.shape().n_head, src.shape().n_head_kv
-    out: dict[str, tuple[tuple[int, ...], TensorFn]] = {}
-    for hf in src.files:
-        if hf.endswith(("rotary_emb.inv_freq", "attention.masked_bias", "attention.bias")):
+    out: dict[str, GGUFTensor] = {}
+    for key in src.files:
+        if key.endswith(("rotary_emb.inv_freq", "attention.masked_bias", "attention.bias", *_QPARTS)):
             continue
+        packed = key.endswith(".weight_packed")
+        hf = key.removesuffix("_packed")
         if tied and hf == "lm_head.weight":
             continue
         name = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
@@ -158,26 +192,40 @@ def gguf_tensors(src: HFSource) -> dict[str, tuple[tuple[int, ...], TensorFn]]:
             raise LowbitError(f"tensor {hf} of {src.folder} has no llama.cpp name for {spec.name}: "
                               f"this checkpoint has parts the GGUF architecture cannot hold")
 
-        def load(hf: str = hf, name: str = name) -> np.ndarray:
-            t = src.get(hf).to(torch.float32)
-            if spec.permute_qk and hf.endswith("q_proj.weight"):
-                t = _permute(t, n_head)
-            elif spec.permute_qk and hf.endswith("k_proj.weight"):
-                t = _permute(t, n_kv)
+        heads = n_head if hf.endswith("q_proj.weight") else n_kv if hf.endswith("k_proj.weight") else 0
+        heads = heads if spec.permute_qk else 0
+
+        def qweight(hf: str = hf, heads: int = heads) -> QuantizedWeight:
+            qw = src.qweight(hf.removesuffix(".weight"))
+            if heads:
+                qw = QuantizedWeight(_permute(qw.codes, heads), _permute(qw.scales, heads),
+                                     _permute(qw.zeros, heads), qw.scheme, qw.g_idx)
+            return qw
+
+        def load(key: str = key, name: str = name, heads: int = heads, packed: bool = packed,
+                 qw_fn: Callable[[], QuantizedWeight] = qweight) -> np.ndarray:
+            if packed:
+                return qw_fn().dequantize(torch.float32).numpy()
+            t = src.get(key).to(torch.float32)
+            if heads:
+                t = _permute(t, heads)
             if spec.norm_shift and name.endswith("norm.weight"):
                 t = t + spec.norm_shift
             return t.contiguous().numpy()
 
-        from safetensors import safe_open
+        if packed:
+            shape = tuple(int(v) for v in src.get(hf + "_shape").tolist())
+        else:
+            from safetensors import safe_open
 
-        with safe_open(str(src.files[hf]), "pt") as h:
-            shape = tuple(h.get_slice(hf).get_shape())
-        out[name] = (shape, load)
+            with safe_open(str(src.files[key]), "pt") as h:
+                shape = tuple(h.get_slice(key).get_shape())
+        out[name] = GGUFTensor(shape, load, qweight if packed else None)
     rp = src.rope()
     rp = rp.get("full_attention", rp)
     if spec.arch == A.LLAMA and str(rp.get("rope_type", "")).lower() == "llama3":
         factors = _llama3_rope_factors(src, rp)
-        out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (factors.shape, lambda: factors)
+        out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = GGUFTensor(factors.shape, lambda: factors)
     return out
 
 

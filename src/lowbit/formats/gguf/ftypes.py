@@ -82,7 +82,7 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _fallback(t: Q, ncols: int) -> tuple[Q, bool]:
+def fallback(t: Q, ncols: int) -> tuple[Q, bool]:
     """(type, fell back) for a row of ``ncols``: llama.cpp's ``tensor_type_fallback``."""
     blck = GGML_QUANT_SIZES[t][0]
     if ncols % blck == 0:
@@ -159,7 +159,7 @@ def plan_types(tensors: dict[str, tuple[int, ...]], file_type: str, model: Model
             i_down += 1
         elif "attn_output.weight" in name:
             t = {"Q2_K": Q.Q3_K, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K}.get(ft, t)
-        t, fb = _fallback(t, ncols)
+        t, fb = fallback(t, ncols)
         if fb:
             fell.append(name)
         out[name] = t

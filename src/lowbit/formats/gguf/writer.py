@@ -19,9 +19,11 @@ import numpy as np
 
 from lowbit import __version__
 from lowbit.core.errors import LowbitError
+from lowbit.core.scheme import QuantScheme
 from lowbit.formats.gguf.convert import HFSource, add_arch_metadata, gguf_tensors
 from lowbit.formats.gguf.encode import quantize_rows
-from lowbit.formats.gguf.ftypes import get_file_type, llama_order, plan_types
+from lowbit.formats.gguf.from_qweight import closest_type, direct_type, encode_direct
+from lowbit.formats.gguf.ftypes import FILE_TYPES, allows_quantization, fallback, get_file_type, llama_order, plan_types
 from lowbit.formats.gguf.imatrix import Imatrix
 from lowbit.formats.gguf.vocab import load_vocab
 
@@ -38,6 +40,9 @@ class GGUFReport:
     types: dict[str, str]
     fell_back: list[str]
     no_imatrix: list[str] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)  # lowbit codes written as they are (exact)
+    carried_rounded: list[str] = field(default_factory=list)  # carried, float16 rounding of d / m
+    requantized: list[str] = field(default_factory=list)  # lowbit-quantized, re-quantized to the file's type
     size_bytes: int = 0
     n_params: int = 0
     seconds: float = 0.0
@@ -64,6 +69,23 @@ def _np_dtype(t: Q) -> type:
     return np.float32 if t == Q.F32 else np.float16 if t == Q.F16 else np.uint8
 
 
+def plan_auto(shapes: dict[str, tuple[int, ...]], quantized: set[str], scheme: QuantScheme,
+              has_g_idx: bool) -> tuple[dict[str, Q], list[str]]:
+    """Types for a lowbit artifact: its quantized linears in the type closest to their scheme (the codes carried
+    over when :func:`direct_type` allows), other matrices in BF16 (lowbit kept them in 16 bits), the rest F32."""
+    types: dict[str, Q] = {}
+    fell: list[str] = []
+    target = direct_type(scheme, has_g_idx) or closest_type(scheme)
+    for n, shape in shapes.items():
+        if n in quantized:
+            types[n], fb = fallback(target, shape[-1])
+            if fb:
+                fell.append(n)
+        else:
+            types[n] = Q.BF16 if allows_quantization(n, len(shape)) else Q.F32
+    return types, fell
+
+
 def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *, imatrix: Imatrix | None = None,
                name: str | None = None, device: str | None = None, vocab_only: bool = False,
                progress: Callable[[int, int, str], None] | None = None) -> GGUFReport:
@@ -71,13 +93,27 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
 
     ``imatrix`` (keys: GGUF tensor names) weights the rounding of the types that use one, as llama.cpp does.
     ``vocab_only`` writes the metadata and tokenizer without tensors (llama.cpp loads it with ``vocab_only``).
+    A lowbit pack-quantized artifact keeps its integer codes where the file's type holds them (see
+    ``from_qweight``); ``file_type="auto"`` picks, per tensor, the type closest to the artifact's scheme.
     """
     t0 = time.perf_counter()
-    ftype, _ = get_file_type(file_type)
     src = HFSource(folder)
     tensors = gguf_tensors(src)
-    shapes = {n: s for n, (s, _) in tensors.items()}
-    types, fell = plan_types(shapes, file_type, src.shape(), has_imatrix=imatrix is not None)
+    shapes = {n: t.shape for n, t in tensors.items()}
+    if file_type.upper() == "AUTO":
+        if src.scheme is None:
+            raise LowbitError("--type auto is for lowbit-quantized artifacts; give a file type (e.g. Q4_K_M)")
+        types, fell = plan_auto(shapes, {n for n, t in tensors.items() if t.qweight}, src.scheme, src.has_g_idx)
+        ftype = FILE_TYPES[{Q.Q8_0: "Q8_0", Q.Q4_0: "Q4_0", Q.Q4_1: "Q4_1", Q.Q5_0: "Q5_0", Q.Q5_1: "Q5_1",
+                            Q.Q2_K: "Q2_K", Q.Q3_K: "Q3_K_S", Q.Q4_K: "Q4_K_S", Q.Q5_K: "Q5_K_S",
+                            Q.Q6_K: "Q6_K"}[closest_type(src.scheme)]][0]
+    else:
+        ftype, _ = get_file_type(file_type)
+        types, fell = plan_types(shapes, file_type, src.shape(), has_imatrix=imatrix is not None)
+    direct = direct_type(src.scheme, src.has_g_idx) if src.scheme else None
+    carried: list[str] = []
+    rounded: list[str] = []
+    requant: list[str] = []
     out = Path(out)
     if out.is_dir():
         raise LowbitError(f"{out} is a folder; give the .gguf file path to write")
@@ -106,8 +142,16 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
         for i, n in enumerate(order):
             if progress:
                 progress(i, len(order), n)
-            data = tensors[n][1]()
             t = types[n]
+            qfn = tensors[n].qweight
+            if qfn is not None and t == direct:
+                tq, q, exact = encode_direct(qfn())
+                (carried if exact else rounded).append(n)
+                w.write_tensor_data(q.reshape(_byte_shape(shapes[n], t)))
+                continue
+            if qfn is not None:
+                requant.append(n)
+            data = tensors[n].load()
             im = None
             if imatrix is not None and t not in (Q.F32, Q.F16, Q.BF16, Q.Q8_0):
                 im = imatrix.weights(n)
@@ -126,7 +170,7 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
         tmp.unlink(missing_ok=True)
         raise
     n_params = sum(int(np.prod(shapes[n])) for n in order)
-    rep = GGUFReport(out, file_type.upper(), {n: types[n].name for n in order}, fell, no_im,
-                     out.stat().st_size, n_params, time.perf_counter() - t0)
+    rep = GGUFReport(out, file_type.upper(), {n: types[n].name for n in order}, fell, no_im, carried, rounded,
+                     requant, out.stat().st_size, n_params, time.perf_counter() - t0)
     log.info("wrote %s: %s, %.2f bits/weight, %s", out, rep.file_type, rep.bits_per_weight, rep.type_counts())
     return rep
