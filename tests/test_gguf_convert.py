@@ -205,3 +205,21 @@ def test_lowbit_artifact_to_gguf_keeps_codes(tmp_path: Path, preset: str, gs: in
     # same weights, but llama.cpp's CPU kernels round activations to 8 bits (q8_0) for these types
     tol = 1e-2 if gs == 32 else 0.2
     assert np.abs(ours - ref).max() < tol * max(1.0, np.abs(ref).max())
+
+
+def test_cli_refuses_truncated_or_corrupt_gguf_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lowbit.cli import main
+
+    folder = make_tiny_model_dir(tmp_path / "hf", "llama")
+    good = write_gguf(folder, tmp_path / "good.gguf", "F16").path
+    data = good.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
+    (tmp_path / "junk.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    for name, words in (("cut", "truncated"), ("bad", "corrupt"), ("junk", "not a GGUF")):
+        out = tmp_path / f"{name}-out.gguf"
+        assert main(["gguf", str(tmp_path / f"{name}.gguf"), "-o", str(out), "--type", "Q8_0"]) == 2
+        assert words in capsys.readouterr().err.replace("\n", " ")
+        assert not out.exists()
+    assert main(["gguf", str(good), "-o", str(tmp_path / "re.gguf"), "--type", "Q8_0"]) == 0  # GGUF input works
+    assert gguf.GGUFReader(tmp_path / "re.gguf").fields["general.file_type"].contents() == 7
