@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ctx", type=int, default=None, help="window (default: 2048 gptq, 512 llamacpp)")
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--backend", default="auto", choices=["auto", "llamacpp", "transformers"],
+                   help="how a .gguf MODEL runs: llama.cpp (adds prefill/decode tokens/s) or dequantized by "
+                        "transformers; auto: llama.cpp when llama-cpp-python is installed")
+    e.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: torch's thread count)")
 
     sub.add_parser("models", help="list the offline model sources")
     from lowbit import cli_gguf, cli_serve
@@ -171,25 +175,39 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
+    from lowbit.eval.llamacpp import LlamaCppLogits, resolve_backend
     from lowbit.jobs import evaluate_models, load_any
 
-    models, tok = {}, None
+    models: dict[str, Any] = {}
+    tok = None
+    ctx = a.ctx or (2048 if a.protocol == "gptq" else 512)
     if a.reference:
         models["reference"], tok = load_any(a.reference)
     name = Path(a.model).name or a.model
-    models[name], tok_m = load_any(a.model)
+    # a GGUF run by llama.cpp is scored on the ids of the reference's tokenizer when there is one
+    models[name], tok_m = load_any(a.model, resolve_backend(a.model, a.backend), ctx=ctx, threads=a.threads,
+                                   tokenizer=tok is None)
     tok = tok or tok_m
-    ctx = a.ctx or (2048 if a.protocol == "gptq" else 512)
+    if isinstance(models[name], LlamaCppLogits):
+        models[name].check_tokenizer(tok)
     corpus, res = evaluate_models(models, tok, reference="reference" if a.reference else None, data=a.data,
                                   protocol=a.protocol, ctx=ctx, max_windows=a.max_windows,
                                   progress=not a.no_progress)
+    speeds = {n: m.speed() for n, m in models.items() if isinstance(m, LlamaCppLogits)}
     first = next(iter(res.values()))
-    rows = [[n, f"{r.ppl:.4f}", "-" if r.kld_mean is None else f"{r.kld_mean:.5f}",
-             "-" if r.top1 is None else f"{r.top1:.4f}", str(r.n_tokens), f"{r.seconds:.1f}"] for n, r in res.items()]
-    console.print(_table(f"{a.protocol} protocol, {corpus}, {first.n_windows} windows of {ctx} tokens",
-                         ["model", "ppl", "KLD", "top-1", "tokens", "seconds"], rows))
+    rows = []
+    for n, r in res.items():
+        rows.append([n, f"{r.ppl:.4f}", "-" if r.kld_mean is None else f"{r.kld_mean:.5f}",
+                     "-" if r.top1 is None else f"{r.top1:.4f}", str(r.n_tokens), f"{r.seconds:.1f}"])
+        if speeds:  # llama.cpp rows get tokens/s
+            rows[-1] += [f"{speeds[n].prefill_tps:.1f}", f"{speeds[n].decode_tps:.1f}"] if n in speeds else ["-", "-"]
+    columns = ["model", "ppl", "KLD", "top-1", "tokens", "seconds"]
+    columns += ["prefill tok/s", "decode tok/s"] if speeds else []
+    console.print(_table(f"{a.protocol} protocol, {corpus}, {first.n_windows} windows of {ctx} tokens", columns, rows))
     if a.json:
-        write_json_atomic(a.json, {"corpus": corpus, "results": {n: r.to_dict() for n, r in res.items()}})
+        write_json_atomic(a.json, {"corpus": corpus, "results": {
+            n: {**r.to_dict(), **({"backend": "llama.cpp", "speed": speeds[n].to_dict()} if n in speeds else {})}
+            for n, r in res.items()}})
 
 
 def cmd_models(a: argparse.Namespace) -> None:

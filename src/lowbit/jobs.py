@@ -22,6 +22,7 @@ from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.data import calibration_tokens, default_eval_corpus, resolve_calib_texts, resolve_eval_text
 from lowbit.eval import EvalResult, adds_bos, evaluate, tokenize_corpus
+from lowbit.eval.llamacpp import LlamaCppLogits
 from lowbit.formats.compressed_tensors import RECIPE_FILE, load_quantized, save_quantized
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.models.archs import get_arch
@@ -316,8 +317,18 @@ def load_artifact(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
     return load_quantized(path, dtype=dtype)[0]
 
 
-def load_any(spec: str | Path) -> tuple[nn.Module, Any]:
-    """(model in float32 compute, tokenizer) for an artifact folder or any model spec."""
+def load_any(spec: str | Path, backend: str = "transformers", *, ctx: int = 2048, threads: int | None = None,
+             tokenizer: bool = True) -> tuple[nn.Module | LlamaCppLogits, Any]:
+    """(model in float32 compute, tokenizer) for an artifact folder or any model spec.
+
+    ``backend="llamacpp"`` runs a .gguf file through llama.cpp (context ``ctx``, ``threads``) and returns
+    the tokenizer transformers builds from the GGUF (None unless ``tokenizer``); by default a GGUF is
+    dequantized by transformers.
+    """
+    if backend == "llamacpp":
+        from lowbit.eval.llamacpp import load_llamacpp
+
+        return load_llamacpp(spec, ctx, threads, tokenizer=tokenizer)
     if is_quantized_artifact(spec):
         from transformers import AutoTokenizer
 
