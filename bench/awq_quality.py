@@ -39,14 +39,18 @@ log = logging.getLogger("awq_quality")
 def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argparse.Namespace
                 ) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
     models, secs = {}, {}
-    for method in methods:
+    runs = [(m, None) for m in methods if m != "smoothquant"]
+    runs += [("smoothquant", al) for al in (a.alphas if "smoothquant" in methods else [])]
+    for method, alpha in runs:
+        tag = method if alpha is None or len(a.alphas) == 1 else f"{method}-a{alpha:g}"
         work = copy.deepcopy(ref)
-        res = quantize_loaded(work, scheme, out / f"{scheme.name}-{method}", method=method, calib="c4",
-                              calib_samples=a.calib_samples, calib_len=a.calib_len, force=True, progress=False)
+        res = quantize_loaded(work, scheme, out / f"{scheme.name}-{tag}", method=method, calib="c4",
+                              calib_samples=a.calib_samples, calib_len=a.calib_len, force=True, progress=False,
+                              **({"alpha": alpha} if alpha is not None else {}))
         del work
-        models[f"lowbit-{method}"] = load_artifact(res.path)
-        secs[f"lowbit-{method}"] = res.seconds
-        log.info("%s %s: %.0f s", scheme.name, method, res.seconds)
+        models[f"lowbit-{tag}"] = load_artifact(res.path)
+        secs[f"lowbit-{tag}"] = res.seconds
+        log.info("%s %s: %.0f s", scheme.name, tag, res.seconds)
     return models, secs
 
 
@@ -61,6 +65,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--methods", nargs="+", default=["rtn", "awq", "awq+gptq"])
     p.add_argument("--smoothquant", action="store_true", help="also W8A8 RTN vs SmoothQuant W8A8 (dynamic int8)")
+    p.add_argument("--alphas", nargs="+", type=float, default=[0.5], help="SmoothQuant migration strengths")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
     p.add_argument("--out", default="bench/results/awq")
     a = p.parse_args()
