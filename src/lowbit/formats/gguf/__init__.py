@@ -1,0 +1,1 @@
+"""GGUF files: llama.cpp block quantizers (``encode.quantize_rows``) and the writer."""
