@@ -5,10 +5,11 @@
     python bench/gguf_speed.py --synthetic --device cuda         # random Qwen-shaped tensors, lowbit on a GPU
 
 Every 2-D weight of the model gets the tensor type llama.cpp's Q4_K_M picks for it (``ftypes.plan_types``:
-Q4_K, Q6_K for ``attn_v`` / half of ``ffn_down`` and for the tied embedding/output matrix, Q5_0 where a row
-does not fit 256-blocks). Both sides quantize the same float32 rows with ``--threads`` threads: llama.cpp
-as ``llama-quantize`` does (contiguous row ranges, one ``ggml_quantize_chunk`` per thread, called through
-ctypes from ``tests/gguf_ref.py``), lowbit with its own thread pool (numpy) or on ``--device``.
+Q4_K; Q6_K for ``attn_v``, half of ``ffn_down`` and the output matrix; Q5_0 / Q8_0 where a row does not fit
+256-blocks -- for Qwen2.5-0.5B, whose hidden size 896 is not a multiple of 256, every tensor but ``ffn_down``).
+Both sides quantize the same float32 rows on ``--threads`` cores: llama.cpp as ``llama-quantize`` does
+(contiguous row ranges, one ``ggml_quantize_chunk`` per thread, called through ctypes from
+``tests/gguf_ref.py``), lowbit with its worker processes (numpy, ``cpu_pool``) or on ``--device``.
 
 Correctness first: every tensor's bytes are compared with llama.cpp's before any timing (``exact`` in the
 output; a mismatch aborts). Then ``--reps`` timed passes over the whole model, llama.cpp and lowbit

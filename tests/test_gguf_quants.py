@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from gguf_ref import ggml_lib, ggml_quantize_ref
 from lowbit.core.errors import SchemeError
-from lowbit.formats.gguf import kquants, kquants_low, legacy
+from lowbit.formats.gguf import cpu_pool, kquants, kquants_low, legacy
 from lowbit.formats.gguf.cpu_pool import POOL_MIN_VALUES
 from lowbit.formats.gguf.encode import SUPPORTED, quantize_rows
 from lowbit.formats.gguf.qcommon import seq_sum, seq_sum_from_first
@@ -106,8 +106,10 @@ def test_sequential_sum_order(shape: tuple[int, ...]) -> None:
     np.testing.assert_array_equal(seq_sum(torch.from_numpy(p)).numpy(), np.float32(0) + acc)
 
 
-def test_process_pool_path_matches_llama_cpp() -> None:
-    """A tensor of POOL_MIN_VALUES values or more goes through the forked worker pool (on Linux)."""
+def test_process_pool_path_matches_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor of POOL_MIN_VALUES values or more goes through the forked worker pool (on Linux), here in
+    slices of 1 MB of rows through the scratch file."""
+    monkeypatch.setattr(cpu_pool, "SCRATCH_BYTES", 1 << 20)
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((POOL_MIN_VALUES // 1024 + 3, 1024)) * 0.02).astype(np.float32)
     im = importance(1024, 5)

@@ -32,6 +32,7 @@ import torch
 Encoder = Callable[[Any, Any], Any]  # (rows (r, n) float32, qw (n,) | None) -> uint8 (r, bytes_per_row)
 
 POOL_MIN_VALUES = 1 << 20  # below this the pool's fixed cost (copying the rows, task round trips) dominates
+SCRATCH_BYTES = 256 << 20  # rows go through the scratch file in slices of at most this much (it is RAM in /dev/shm)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 _POOLS: dict[int, ProcessPoolExecutor] = {}  # by number of workers
@@ -91,8 +92,10 @@ atexit.register(_shutdown)
 def _scratch(name: str, nbytes: int) -> str:
     """Path of scratch file ``name``, at least ``nbytes`` long (grown, never shrunk)."""
     global _SCRATCH
-    if _SCRATCH is None:
-        _SCRATCH = tempfile.mkdtemp(prefix="lowbit-gguf-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    if _SCRATCH is None:  # /dev/shm (RAM) when it has room; containers often give it only 64 MB
+        shm = "/dev/shm"
+        room = os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize if os.path.isdir(shm) else 0
+        _SCRATCH = tempfile.mkdtemp(prefix="lowbit-gguf-", dir=shm if room >= 2 * SCRATCH_BYTES else None)
     path = os.path.join(_SCRATCH, name)
     with open(path, "ab") as f:
         if f.tell() < nbytes:
@@ -143,7 +146,9 @@ def run_chunks(encoder: Encoder, data: np.ndarray, qw: np.ndarray | None, out: n
     workers = max(1, workers)
     pool = process_pool(workers) if data.size >= pool_min_values else None
     if pool is not None:
-        _run_in_pool(pool, encoder, data, qw, out, step, workers)
+        rows = max(step, SCRATCH_BYTES // data[0].nbytes // step * step)
+        for r0 in range(0, data.shape[0], rows):
+            _run_in_pool(pool, encoder, data[r0:r0 + rows], qw, out[r0:r0 + rows], step, workers)
         return
     threads = 1 if sys.platform.startswith("linux") else min(workers, len(starts))
     torch_threads = torch.get_num_threads()
