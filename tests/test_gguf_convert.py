@@ -223,3 +223,42 @@ def test_cli_refuses_truncated_or_corrupt_gguf_input(tmp_path: Path, capsys: pyt
         assert not out.exists()
     assert main(["gguf", str(good), "-o", str(tmp_path / "re.gguf"), "--type", "Q8_0"]) == 0  # GGUF input works
     assert gguf.GGUFReader(tmp_path / "re.gguf").fields["general.file_type"].contents() == 7
+
+
+def test_lowbit_imatrix_sums_squares_of_every_linear_input(tmp_path: Path) -> None:
+    """``lowbit imatrix``: per GGUF tensor name, sum_t x_tj^2 over the calibration tokens and their count,
+    checked against plain forward hooks on the float model."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.cli import main
+    from lowbit.data import calibration_tokens, resolve_calib_texts
+    from lowbit.models.loader import load_model
+
+    folder = make_tiny_model_dir(tmp_path / "hf", "qwen2")
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(TEXTS * 40))
+    out = tmp_path / "imatrix.gguf"
+    assert main(["--no-progress", "imatrix", str(folder), "-o", str(out), "--calib", str(text),
+                 "--calib-samples", "3", "--calib-len", "16", "--device", "cpu"]) == 0
+    im = load_imatrix(out)
+    tokens = calibration_tokens(load_model(folder).tokenizer, resolve_calib_texts(str(text)), 3, 16, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(m, args):  # type: ignore[no-untyped-def]
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+        return fn
+
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in n:
+            m.register_forward_pre_hook(hook(n))
+    with torch.no_grad():
+        model(tokens)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, 2)
+    assert len(im.names()) == len(sums) == 14
+    for n, s in sums.items():
+        g = tmap.get_name(n + ".weight", try_suffixes=(".weight",))
+        assert im.counts[g].tolist() == [48.0]
+        np.testing.assert_allclose(im.sums[g].reshape(-1), s.float().numpy(), rtol=1e-4, atol=1e-6)

@@ -15,19 +15,7 @@ from torch import nn
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.pipeline.blockwise import BlockContext, collect, run_blockwise
 from lowbit.pipeline.distributed import sum_weighted
-
-
-class SquareSumObserver:
-    """``sum_t x_tj^2`` in float64 and the token count, over inputs ``x (..., in)``."""
-
-    def __init__(self, in_features: int) -> None:
-        self.sum = torch.zeros(in_features, dtype=torch.float64)
-        self.count = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.sum += x.square().sum(0).to(device="cpu", dtype=torch.float64)
-        self.count += x.shape[0]
+from lowbit.pipeline.quantize import SquareMeanObserver
 
 
 @dataclass
@@ -40,7 +28,7 @@ class ImatrixCollector:
     counts: dict[str, int] = field(default_factory=dict)
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        obs = collect(ctx, lambda n, lin: SquareSumObserver(lin.in_features), keep_outputs=True)
+        obs = collect(ctx, lambda n, lin: SquareMeanObserver(lin.in_features), keep_outputs=True)
         for n, o in obs.items():
             mean, count = sum_weighted(o.sum / max(o.count, 1), o.count)  # type: ignore[attr-defined]
             key = f"{ctx.spec.blocks}.{ctx.index}.{n}"
