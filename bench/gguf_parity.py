@@ -126,6 +126,9 @@ def main() -> None:
                              else ""), flush=True)
                     ours.unlink()
                     ref.unlink()
+                    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(a.json).write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                                        "rows": rows}, indent=1))  # after every row
             f32.unlink()
     print("\n| model | type | imatrix | identical tensors | lowbit s | llama.cpp s | ppl lowbit | ppl llama.cpp |")
     print("|---|---|---|---|---|---|---|---|")
