@@ -221,6 +221,7 @@ class TimedMethod:
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.capture_peak = 0
+        self.rest_peak = 0
 
     def _sync(self) -> float:
         if self.dev.type == "cuda":
@@ -232,6 +233,8 @@ class TimedMethod:
         if not self.starts and self.dev.type == "cuda":
             self.capture_peak = torch.cuda.max_memory_allocated(self.dev)
             torch.cuda.reset_peak_memory_stats(self.dev)
+        if self.starts and self.dev.type == "cuda":  # peak of the previous output pass + moves
+            self.rest_peak = max(self.rest_peak, torch.cuda.max_memory_allocated(self.dev))
         self.starts.append(t)
         out = self.inner.quantize_block(ctx)
         self.ends.append(self._sync())
@@ -255,6 +258,12 @@ def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, 
         torch.cuda.synchronize(dev)
     t1 = time.perf_counter()
     block_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+    phase_peaks = {k[5:]: v for k, v in timers.items() if k.startswith("peak:")}
+    phase_peaks["output pass + moves"] = max(method.rest_peak, block_peak)
+    block_peak = max([block_peak, *phase_peaks.values()])
+    for k in list(timers):
+        if k.startswith("peak:"):
+            del timers[k]
     st, en = method.starts, method.ends
     per_block = [b - a for a, b in zip(st, st[1:] + [t1], strict=True)]
     inside = sum(b - a for a, b in zip(st, en, strict=True))
@@ -279,10 +288,88 @@ def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, 
            "gptq_config": dataclasses.asdict(gcfg),
            "per_layer_s": (t1 - t0) / layers,
            "per_block_s": per_block, "raw_timers": dict(timers), "phases_s": phases,
-           "peak_bytes": peak, "peak_capture_bytes": method.capture_peak, "peak_blocks_bytes": block_peak,
+           "peak_bytes": peak, "peak_capture_bytes": method.capture_peak,
+           "phase_peak_bytes": phase_peaks, "peak_blocks_bytes": block_peak,
            "mem_ref_bytes": ref, "peak_over_ref": peak / ref, "blocks_peak_over_ref": block_peak / ref,
            "floors": floors(cfg, layers, tokens.shape[0], tokens.shape[1], rates)}
     return rec, result
+
+
+def profile_run(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, offload: bool, path: Path,
+                act_order: str) -> None:
+    """One untimed lowbit run under ``torch.profiler``: the top ops by device and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lowbit.core.scheme import QuantScheme
+    from lowbit.pipeline.blockwise import run_blockwise
+    from lowbit.pipeline.gptq import GPTQMethod
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    if dev.type == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    method = GPTQMethod(QuantScheme(4, 128, True), gptq_config(act_order))
+    _fresh_peak(dev)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        run_blockwise(model, method, tokens, device=dev, progress=False, offload_activations=offload)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - t0
+    mem = ""
+    if dev.type == "cuda":
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        try:
+            mem = live_at_peak(snap, dev.index or 0)
+        except Exception as e:  # diagnostics only: never lose the timed runs to it
+            mem = f"memory trace not read: {e!r}"
+        print(mem, flush=True)
+    ka = prof.key_averages()
+    dev_key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    text = (f"profiled run: {wall:.2f} s wall, offload={offload}\n\n{mem}\n\n== by self device time ==\n"
+            + ka.table(sort_by=dev_key, row_limit=45, max_name_column_width=60)
+            + "\n\n== by host time (cpu_time_total) ==\n"
+            + ka.table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=60))
+    path.write_text(text)
+    print(f"[profile] {wall:.2f} s under the profiler; tables in {path}", flush=True)
+    print(ka.table(sort_by=dev_key, row_limit=25, max_name_column_width=50), flush=True)
+
+
+def live_at_peak(snap: dict[str, Any], index: int, top: int = 18) -> str:
+    """Replay the allocator's trace: the allocations live at the moment of peak allocated memory,
+    summed by the innermost lowbit / transformers / torch.nn frame that made them."""
+    trace = snap["device_traces"][index]
+    live: dict[int, int] = {}
+    total = best = best_at = 0
+    for k, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev["size"]
+            total += ev["size"]
+            if total > best:
+                best, best_at = total, k
+        elif ev["action"] in ("free_requested",) and ev["addr"] in live:
+            total -= live.pop(ev["addr"])
+    live_ev: dict[int, dict[str, Any]] = {}
+    for ev in trace[: best_at + 1]:
+        if ev["action"] == "alloc":
+            live_ev[ev["addr"]] = ev
+        elif ev["action"] == "free_requested":
+            live_ev.pop(ev["addr"], None)
+    groups: dict[str, list[int]] = {}
+    for ev in live_ev.values():
+        where = "?"
+        for f in ev.get("frames", []):
+            fn = f.get("filename", "")
+            if any(s in fn for s in ("lowbit", "transformers", "torch/nn", "gptq_speed")):
+                where = f"{fn.split('/')[-1]}:{f.get('line')} {f.get('name')}"
+                break
+        g = groups.setdefault(where, [0, 0])
+        g[0] += ev["size"]
+        g[1] += 1
+    lines = [f"live at peak ({best / 2**30:.3f} GiB allocated, trace event {best_at} of {len(trace)}):"]
+    for where, (b, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"  {b / 2**30:8.3f} GiB  {n:5d} x  {where}")
+    return "\n".join(lines)
 
 
 def capture_probe(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device) -> dict[str, Any]:
@@ -477,6 +564,8 @@ def main() -> None:
                    help="lowbit GPTQConfig.act_order (default: the library's default); llm-compressor uses static")
     p.add_argument("--peer-path", default="", help="prepended to PYTHONPATH of the llm-compressor subprocess")
     p.add_argument("--work", default="/tmp/gptq_speed_work", help="scratch folder (the peer's config + tokenizer)")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over one lowbit run of the small model (tables in OUT/gptq_profile.txt)")
     p.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.peer_child:
@@ -527,6 +616,8 @@ def main() -> None:
             for mode, v in cp.items():
                 print(f"[capture probe] {layers} layers, {mode}: {v['seconds']:.2f} s, peak {gib(v['peak_bytes'])}, "
                       f"hidden requires_grad={v['hidden_requires_grad']}", flush=True)
+        if a.profile and layers == a.lowbit_layers_small:
+            profile_run(model, tokens, dev, modes[-1], out / "gptq_profile.txt", a.act_order)
         runs = [(off, True) for off in modes] + ([(modes[0], False)] if untimed_too else [])
         last = 0.0
         for k, (off, timed) in enumerate(runs):
@@ -551,6 +642,8 @@ def main() -> None:
                   f"peak/ref {rec['peak_over_ref']:.2f}", flush=True)
             if timed:
                 print_phase_table(rec)
+                print("  peak GPU memory by phase: " + ", ".join(
+                    f"{k} {gib(v)}" for k, v in sorted(rec["phase_peak_bytes"].items(), key=lambda kv: -kv[1])))
             if k == 0:
                 for w in pack_where:
                     where = torch.device("cpu") if w == "cpu" else dev

@@ -6,7 +6,7 @@ from conftest import make_tiny_model_dir
 from lowbit.core.errors import SchemeError
 from lowbit.core.scheme import QuantScheme
 from lowbit.formats import compressed_tensors as ct
-from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.methods.gptq import GPTQConfig, HessianConsumed, gptq_quantize
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.pipeline.gptq import GPTQMethod, HessianObserver
 from lowbit.pipeline.quantize import quantize_model
@@ -81,6 +81,44 @@ def test_cholesky_failure_raises_damp_and_succeeds(caplog):
     assert "bad.layer" in caplog.text and "succeeded with damp" in caplog.text
     with pytest.raises(SchemeError, match="singular"):
         gptq_quantize(w, bad, QuantScheme(4, 32), GPTQConfig(max_damp_tries=2))
+
+
+def test_consumed_hessian_same_result_and_retry_signal():
+    w, x = _layer()
+    H = _hessian(x)
+    ref, _ = gptq_quantize(w, H, QuantScheme(4, 32))
+    Hc = H.clone()
+    got, _ = gptq_quantize(w, Hc, QuantScheme(4, 32), consume_hessian=True)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scales, ref.scales)
+    assert not torch.equal(Hc, H)  # factorised in place: no second in x in buffer
+    evals, evecs = torch.linalg.eigh(H)
+    evals[0] = -0.5 * float(torch.diag(H).mean())
+    bad = evecs @ torch.diag(evals) @ evecs.T
+    with pytest.raises(HessianConsumed):
+        gptq_quantize(w, bad.clone(), QuantScheme(4, 32), consume_hessian=True)
+
+
+def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, monkeypatch):
+    import lowbit.pipeline.gptq as pg
+
+    d = make_tiny_model_dir(tmp_path / "m", "llama")
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(2))
+    real, calls = pg.gptq_quantize, []
+
+    def flaky(W, H, *a, consume_hessian=False, **k):
+        calls.append(consume_hessian)
+        if len(calls) == 1:
+            assert consume_hessian
+            H.fill_(float("nan"))  # what a failed in-place factorisation leaves behind
+            raise HessianConsumed("failed")
+        return real(W, H, *a, consume_hessian=consume_hessian, **k)
+
+    monkeypatch.setattr(pg, "gptq_quantize", flaky)
+    method = GPTQMethod(QuantScheme(4, 32), scale_dtype=torch.float32)
+    qws = quantize_model(model, QuantScheme(4, 32), method, tokens=ids, progress=False)
+    assert calls[:3] == [True, False, True] and len(qws) == 14
+    assert all(torch.isfinite(q.scales).all() for q in qws.values())
 
 
 def test_true_sequential_pipeline_on_tiny_model(tmp_path):

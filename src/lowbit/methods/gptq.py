@@ -38,8 +38,10 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.core.errors import SchemeError
+from lowbit.core.inplace import permute_columns_, permute_symmetric_
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
+from lowbit.methods import gptq_triton
 from lowbit.methods.gptq_block import run_block_columns
 from lowbit.methods.rtn import fit_groups
 
@@ -58,6 +60,7 @@ class GPTQConfig:
     search: bool = False
     max_damp_tries: int = 8
     cuda_graphs: bool = True  # replay the column loop of static-group blocks as CUDA graphs on GPUs
+    triton: bool = True  # on GPUs with Triton: one kernel per block of static-group columns (else graphs)
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
@@ -76,6 +79,10 @@ class GPTQStats:
     row_loss: torch.Tensor | None = None  # (out,) error of each output row, on the CPU
 
 
+class HessianConsumed(SchemeError):
+    """The factorisation failed on a Hessian the caller let GPTQ overwrite: retry with a fresh one."""
+
+
 def _sync_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -86,20 +93,29 @@ def _inverse_cholesky_(Hw: torch.Tensor, source: Callable[[], None] | None, mean
                        tries: int, name: str) -> float:
     """Turn ``Hw`` in place into the upper Cholesky factor ``U`` of ``(Hw + lambda I)^-1``.
 
-    ``lambda = damp * mean(diag H)``, multiplied by 10 after each failed factorisation (``refill``
-    restores ``Hw`` first). Working in place keeps one ``in x in`` buffer instead of five.
+    ``lambda = damp * mean(diag H)``, multiplied by 10 after each failed factorisation (``source``
+    restores ``Hw`` first; without one, :class:`HessianConsumed` is raised). Working in place keeps
+    one ``in x in`` buffer instead of five.
     Returns the damping fraction that succeeded.
     """
     info = torch.empty((), dtype=torch.int32, device=Hw.device)
     for attempt in range(tries):
         frac = damp * 10**attempt
-        if attempt and source is not None:
+        if attempt:
+            if source is None:
+                raise HessianConsumed(f"{name}: Hessian not positive definite at damp {damp:.3g}, and it was "
+                                      "factorised in place: call again with a fresh copy")
             source()
         Hw.diagonal().add_(frac * mean_diag)
-        torch.linalg.cholesky_ex(Hw, out=(Hw, info))
+        # LAPACK / cuSOLVER work on column-major matrices: on the column-major view M of the
+        # row-major Hw every step runs in place, without the in x in copies torch makes otherwise.
+        # H is symmetric, so M == H; M = L (H = L L^T), then M = H^-1, then M = L2 (H^-1 = L2 L2^T),
+        # and the row-major Hw = L2^T is the upper factor U with H^-1 = U^T U.
+        M = Hw.mT
+        torch.linalg.cholesky_ex(M, out=(M, info))
         if int(info) == 0:
-            torch.cholesky_inverse(Hw, out=Hw)
-            torch.linalg.cholesky_ex(Hw, upper=True, out=(Hw, info))
+            torch.cholesky_inverse(M, out=M)
+            torch.linalg.cholesky_ex(M, out=(M, info))
             if int(info) == 0 and bool(torch.isfinite(Hw.diagonal()).all()):
                 if attempt:
                     log.warning("%s: Hessian not positive definite at damp %.3g; succeeded with damp %.3g",
@@ -111,22 +127,27 @@ def _inverse_cholesky_(Hw: torch.Tensor, source: Callable[[], None] | None, mean
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(),
                   *, scale_dtype: torch.dtype = torch.float32, name: str = "layer",
-                  timers: dict[str, float] | None = None) -> tuple[QuantizedWeight, GPTQStats]:
+                  timers: dict[str, float] | None = None, consume_hessian: bool = False
+                  ) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize ``weight (out, in)`` given the Hessian ``H (in, in)`` of its inputs.
 
-    With ``timers`` the seconds of the phases (``cholesky``, ``columns``) are added to it.
+    With ``timers`` the seconds of the phases (``cholesky``, ``columns``) are added to it. With
+    ``consume_hessian`` a float32 ``H`` on ``weight``'s device is factorised in place (no second
+    ``in x in`` buffer); if the factorisation then fails, :class:`HessianConsumed` asks the caller
+    for a fresh ``H`` (the retry needs the original).
     """
     out, cols = weight.shape
     if H.shape != (cols, cols):
         raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
     groups = scheme.n_groups(cols)
     gs = cols // groups
-    W = weight.detach().to(torch.float32).clone()
-    H = H.to(device=W.device, dtype=torch.float32)  # the caller's: read, never modified
-    diag = torch.diagonal(H)
+    Hd = H.to(device=weight.device, dtype=torch.float32)
+    diag = Hd.diagonal().clone()
     dead = diag == 0
-    W[:, dead] = 0
     mean_diag = float(torch.where(dead, torch.ones_like(diag), diag).mean())
+    perm = torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True) if cfg.act_order else None
+    W = weight.detach().to(torch.float32, copy=True)
+    W[:, dead] = 0
 
     static: tuple[torch.Tensor, torch.Tensor] | None = None
     if scheme.group_size is None or cfg.static_groups:  # fitted once, on the original weights
@@ -136,28 +157,65 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
             a = a.reshape(1, groups, gs)
         s, z, _ = fit_groups(W.reshape(out, groups, gs), scheme, a, search=cfg.search, scale_dtype=scale_dtype)
         static = (s[..., 0], z[..., 0])  # (out, G)
-    perm = torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True) if cfg.act_order else None
     if perm is not None:
-        W = W[:, perm]
+        permute_columns_(W, perm)
     dead_p = dead if perm is None else dead[perm]
 
-    def refill() -> None:  # the working copy of H, in processing order, dead columns set to 1
-        Hw.copy_(H if perm is None else H[perm][:, perm])
-        Hw.diagonal()[dead_p] = 1
+    def to_order_(M: torch.Tensor) -> None:  # in processing order, dead columns set to 1, in place
+        if perm is not None:
+            permute_symmetric_(M, perm)
+        M.diagonal()[dead_p] = 1
 
-    Hw = torch.empty_like(H)
-    refill()
+    Hw = Hd.clone() if Hd is H and not consume_hessian else Hd  # the caller's H stays intact unless consumed
+
+    def refill() -> None:  # restore Hw from the caller's H (a retry after a failed factorisation)
+        Hw.copy_(H)
+        to_order_(Hw)
+
+    source: Callable[[], None] | None = None if Hw is H else refill
+    to_order_(Hw)
     timed = timers is not None  # synchronise the device for phase timings only when asked
     t0 = _sync_time(W.device) if timed else 0.0
-    damp = _inverse_cholesky_(Hw, refill, mean_diag, cfg.damp, cfg.max_damp_tries, name)
+    damp = _inverse_cholesky_(Hw, source, mean_diag, cfg.damp, cfg.max_damp_tries, name)
     U = Hw
     t1 = _sync_time(W.device) if timed else 0.0
 
+    col_group = torch.arange(cols, device=W.device) // gs  # group of each original column
+    proc = col_group if perm is None or static is None else col_group[perm]
+    bs = cfg.block_size
+    if static is not None and cfg.triton and gptq_triton.available(W) and bs & (bs - 1) == 0 and bs <= 256:
+        codes, losses = gptq_triton.static_columns(W, U, static[0], static[1], proc, scheme.qmax, bs)
+        scales, zeros = static
+    else:
+        codes, scales, zeros, losses = _columns_torch(W, U, scheme, cfg, static, proc, gs, scale_dtype)
+    if timers is not None:
+        t2 = _sync_time(W.device)
+        timers["cholesky"] = timers.get("cholesky", 0.0) + t1 - t0
+        timers["columns"] = timers.get("columns", 0.0) + t2 - t1
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+        if static is None:
+            g_idx = col_group[inv].to(torch.int32)  # original column c was processed at position inv[c]
+    qw = QuantizedWeight(codes.to(torch.uint8), scales.to(scale_dtype), zeros.to(torch.uint8), scheme, g_idx)
+    stats = GPTQStats(float(losses.sum()), damp, int(dead.sum()), losses.cpu())
+    log.debug("%s: GPTQ loss %.4g (damp %.3g, %d dead columns)", name, stats.loss, damp, stats.dead_columns)
+    return qw, stats
+
+
+def _columns_torch(W: torch.Tensor, U: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig,
+                   static: tuple[torch.Tensor, torch.Tensor] | None, proc: torch.Tensor, gs: int,
+                   scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The column loop in torch ops (CPU, or GPUs without Triton; dynamic groups everywhere).
+
+    Returns ``(codes, scales (out, G), zeros (out, G), row losses)`` with ``codes`` in processing order.
+    """
+    out, cols = W.shape
+    groups = scheme.n_groups(cols)
     codes = torch.zeros_like(W)
     scales = torch.zeros(out, groups, device=W.device)
     zeros = torch.zeros(out, groups, device=W.device)
-    col_group = torch.arange(cols, device=W.device) // gs  # group of each original column
-    proc = col_group if perm is None or static is None else col_group[perm]
     proc_group = proc.tolist()  # host ints: no device syncs in the loop
     losses = torch.zeros(out, device=W.device)
     scale = zero = torch.zeros(out, device=W.device)
@@ -190,20 +248,6 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
                 Err1[:, i] = err
         losses += Err1.square().sum(1) / 2
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
-    if timers is not None:
-        t2 = _sync_time(W.device)
-        timers["cholesky"] = timers.get("cholesky", 0.0) + t1 - t0
-        timers["columns"] = timers.get("columns", 0.0) + t2 - t1
-    g_idx = None
     if static is not None:
         scales, zeros = static
-    if perm is not None:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-        if static is None:
-            g_idx = col_group[inv].to(torch.int32)  # original column c was processed at position inv[c]
-    qw = QuantizedWeight(codes.to(torch.uint8), scales.to(scale_dtype), zeros.to(torch.uint8), scheme, g_idx)
-    stats = GPTQStats(float(losses.sum()), damp, int(dead.sum()), losses.cpu())
-    log.debug("%s: GPTQ loss %.4g (damp %.3g, %d dead columns)", name, stats.loss, damp, stats.dead_columns)
-    return qw, stats
+    return codes, scales, zeros, losses

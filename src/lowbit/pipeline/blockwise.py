@@ -22,8 +22,7 @@ for one such run (GPTQ Hessians, AWQ activation magnitudes, imatrix ``E[x^2]``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +33,7 @@ from torch import nn
 from lowbit.core.errors import LowbitError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks
+from lowbit.pipeline.transfer import HostCopier, offload, onload, uploads
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ class BlockContext:
     def run(self, keep_outputs: bool = False) -> None:
         """Run the block over every calibration input (hooks registered on it see each call)."""
         outs = []
-        for x in self.inputs:
+        for x, xd in zip(self.inputs, uploads(self.inputs, self.device), strict=True):
             try:
-                y = self.block(x.to(self.device, non_blocking=True), **self.kwargs)
+                y = self.block(xd, **self.kwargs)
             except _StopBlock:
                 if keep_outputs:
                     raise
@@ -122,22 +122,26 @@ def collect(ctx: BlockContext, make: Callable[[str, nn.Linear], Observer],
     return obs
 
 
-@contextmanager
-def _onload(module: nn.Module, device: torch.device) -> Iterator[None]:
-    if device.type == "cpu":
-        yield
-        return
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to("cpu")
-
-
-def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device) -> None:
+def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device,
+                         homes: dict[str, torch.Tensor] | None = None, head: bool = True) -> dict[str, torch.Tensor]:
+    """Move what lies outside the decoder blocks (embeddings, final norm, and the output head unless
+    ``head`` is False) to ``device``, or, given the ``homes`` a first call returned, point it back at
+    its unchanged host tensors (no copy back)."""
+    moved: dict[str, torch.Tensor] = {}
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    skip: set[int] = set()
+    if not head and out_emb is not None and (in_emb is None or out_emb.weight is not in_emb.weight):
+        skip = {id(p) for p in out_emb.parameters()}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not name.startswith(prefix + "."):
+        if name.startswith(prefix + ".") or id(t) in skip:
+            continue
+        if homes is not None:
+            t.data = homes.get(name, t.data)
+        elif device.type != "cpu" and t.device != device:
+            moved[name] = t.data
             t.data = t.data.to(device)
+    return moved
 
 
 def _to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
@@ -192,7 +196,7 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, spec: ArchSpec, devic
 
     handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
     handles += [b.register_forward_hook(post) for b in blocks]
-    _move_outside_blocks(model, spec.blocks, device)
+    homes = _move_outside_blocks(model, spec.blocks, device, head=per_layer)  # the head runs only when probing
     try:
         for s in range(tokens.shape[0]):
             try:
@@ -203,7 +207,7 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, spec: ArchSpec, devic
     finally:
         for h in handles:
             h.remove()
-        _move_outside_blocks(model, spec.blocks, torch.device("cpu"))
+        _move_outside_blocks(model, spec.blocks, device, homes)
     if not per_layer:
         kwargs = [kwargs[0]] * len(blocks)
     for kw in kwargs:
@@ -244,10 +248,12 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
     else:
         hidden, kwargs = [], [{} for _ in blocks]
     result: dict[str, QuantizedWeight] = {}
-    with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"quantizing {len(blocks)} blocks", total=len(blocks))
-        for i, block in enumerate(blocks):
-            with _onload(block, dev):
+    copier = HostCopier(dev)
+    try:
+        with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"quantizing {len(blocks)} blocks", total=len(blocks))
+            for i, block in enumerate(blocks):
+                homes = onload(block, dev)
                 ctx = BlockContext(i, block, block_linears(block, spec, i), spec, dev, hidden, kwargs[i])
                 qws = method.quantize_block(ctx)
                 missing = set(ctx.linears) - set(qws)
@@ -256,11 +262,15 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
                 for n, qw in qws.items():
                     lin = ctx.linears[n]
                     lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
-                    result[f"{spec.blocks}.{i}.{n}"] = qw.to("cpu")
+                    copier.submit(lambda key=f"{spec.blocks}.{i}.{n}", q=qw: result.__setitem__(key, q.to("cpu")))
                 if calibrated:
                     if not ctx.outputs_ready:
                         ctx.run(keep_outputs=True)
                     hidden = ctx.outputs
-            bar.advance(task)
-            log.debug("block %d quantized", i)
+                offload(block, homes, copier)
+                bar.advance(task)
+                log.debug("block %d quantized", i)
+        copier.wait()
+    finally:
+        copier.close()
     return result

@@ -17,7 +17,7 @@ import torch
 
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
-from lowbit.methods.gptq import GPTQConfig, GPTQStats, gptq_quantize
+from lowbit.methods.gptq import GPTQConfig, GPTQStats, HessianConsumed, gptq_quantize
 from lowbit.pipeline.blockwise import BlockContext, collect
 from lowbit.pipeline.distributed import broadcast_object, broadcast_qweight, sum_weighted, world
 
@@ -25,32 +25,43 @@ log = logging.getLogger(__name__)
 
 
 class HessianObserver:
-    """Running ``H = 2/n sum_t x_t x_t^T`` over every token ``x_t (in,)`` seen, in float32.
+    """``H = 2/n sum_t x_t x_t^T`` over every token ``x_t (in,)`` seen, in float32.
 
-    Kept on ``device`` (the block's device, or the CPU to save accelerator memory). On CUDA,
-    16-bit activations are multiplied as they are with float32 accumulation (exact products,
-    tensor-core speed); elsewhere they are upcast to float32 first.
+    Tokens are summed unscaled (one fused ``S += X^T X`` per batch, no rescaling pass over the
+    ``in x in`` buffer) and ``H`` scales the sum by ``2/n`` in place, once, when first read. Kept
+    on ``device`` (the block's device, or the CPU to save accelerator memory). On CUDA, 16-bit
+    activations are multiplied as they are with float32 accumulation (exact products, tensor-core
+    speed); elsewhere they are upcast to float32 first.
     """
 
     def __init__(self, in_features: int, device: torch.device | str, timers: dict[str, float] | None = None
                  ) -> None:
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._S = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
         self.timers = timers
+        self._final = False
 
     def update(self, x: torch.Tensor) -> None:
-        t0 = _tick(self.timers, self.H.device)
+        if self._final:
+            raise RuntimeError("HessianObserver.update after H was read")
+        t0 = _tick(self.timers, self._S.device)
         x = x.detach().reshape(-1, x.shape[-1])
-        t = x.shape[0]
-        self.H *= self.n / (self.n + t)
-        self.n += t
-        if x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
-            xx = x.to(self.H.device)
-            self.H.add_(torch.mm(xx.T, xx, out_dtype=torch.float32), alpha=2.0 / self.n)
+        self.n += x.shape[0]
+        if x.device.type == "cuda" and self._S.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+            xx = x.to(self._S.device)
+            torch.addmm(self._S, xx.T, xx, out_dtype=torch.float32, out=self._S)
         else:
-            x = x.to(device=self.H.device, dtype=torch.float32) * (2.0 / self.n) ** 0.5
-            self.H.addmm_(x.T, x)
-        _tock(self.timers, "hessian", t0, self.H.device)
+            x = x.to(device=self._S.device, dtype=torch.float32)
+            self._S.addmm_(x.T, x)
+        _tock(self.timers, "hessian", t0, self._S.device)
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The Hessian (scaled in place on first read; no update after)."""
+        if not self._final:
+            self._S.mul_(2.0 / max(self.n, 1))
+            self._final = True
+        return self._S
 
 
 def _tick(timers: dict[str, float] | None, device: torch.device) -> float:
@@ -60,9 +71,14 @@ def _tick(timers: dict[str, float] | None, device: torch.device) -> float:
 
 
 def _tock(timers: dict[str, float] | None, key: str, t0: float, device: torch.device) -> None:
+    """Add the seconds since ``t0`` to ``timers[key]``; on CUDA also the peak memory allocated since
+    the previous tock to ``timers["peak:" + key]`` (the device's peak counter restarts here)."""
     if timers is not None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            pk = f"peak:{key}"
+            timers[pk] = max(timers.get(pk, 0.0), float(torch.cuda.max_memory_allocated(device)))
+            torch.cuda.reset_peak_memory_stats(device)
         timers[key] = timers.get(key, 0.0) + time.perf_counter() - t0
 
 
@@ -98,15 +114,14 @@ class GPTQMethod:
                 owner = solved % size
                 solved += 1
                 # the linears of a group share H: one solve over their stacked rows (rows are independent)
-                W = torch.cat([lin.weight.to(H.device) for lin in lins])
+                W = lins[0].weight if len(lins) == 1 else torch.cat([lin.weight for lin in lins])
                 qw, st = None, None
                 if owner == rank:
-                    name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
-                    qw, st = gptq_quantize(W, H, self.scheme, self.config, scale_dtype=self.scale_dtype, name=name,
-                                           timers=self.timers)
+                    qw, st = self._solve(ctx, g, W, H, consume=size == 1)
+                del H
                 dynamic = self.config.act_order and not self.config.static_groups
                 qw = broadcast_qweight(qw, owner, tuple(W.shape), self.scheme,  # type: ignore[arg-type]
-                                       self.scale_dtype, H.device, dynamic)
+                                       self.scale_dtype, hdev, dynamic)
                 st = broadcast_object(st, owner)  # type: ignore[assignment]
                 assert isinstance(st, GPTQStats) and st.row_loss is not None
                 r0 = 0
@@ -123,3 +138,22 @@ class GPTQMethod:
                 _tock(self.timers, "write-back", t0, ctx.device)
             del obs
         return out
+
+    def _solve(self, ctx: BlockContext, g: tuple[str, ...], W: torch.Tensor, H: torch.Tensor, consume: bool
+               ) -> tuple[QuantizedWeight, GPTQStats]:
+        """GPTQ of the stacked rows ``W`` of group ``g``; ``H`` is factorised in place when ``consume``.
+
+        If that factorisation fails, the retry needs the original Hessian: it is collected again
+        (one more run of the block; rare) and solved on a copy, with damping raised as usual.
+        """
+        name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
+        try:
+            return gptq_quantize(W, H, self.scheme, self.config, scale_dtype=self.scale_dtype, name=name,
+                                 timers=self.timers, consume_hessian=consume)
+        except HessianConsumed:
+            log.info("%s: collecting its Hessian again to retry with more damping", name)
+        del H
+        hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
+        obs = collect(ctx, lambda n, m: HessianObserver(m.in_features, hdev, self.timers), names=[g[0]])
+        return gptq_quantize(W, obs[g[0]].H, self.scheme, self.config,  # type: ignore[attr-defined]
+                             scale_dtype=self.scale_dtype, name=name, timers=self.timers)
