@@ -46,7 +46,7 @@ print("OK", dev, worst)
 
 
 def test_triton_kernel_matches_torch_loop():
-    pytest.importorskip("triton", reason="the Triton kernel needs the triton package (in the dev extra on x86-64 Linux)")
+    pytest.importorskip("triton", reason="needs the triton package (in the dev extra on x86-64 Linux)")
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.core.errors import SchemeError
-from lowbit.core.inplace import permute_columns_, permute_symmetric_
+from lowbit.core.inplace import flip_, invert_upper_, permute_columns_, permute_symmetric_, transpose_
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods import gptq_triton
@@ -107,15 +107,17 @@ def _inverse_cholesky_(Hw: torch.Tensor, source: Callable[[], None] | None, mean
                                       "factorised in place: call again with a fresh copy")
             source()
         Hw.diagonal().add_(frac * mean_diag)
-        # LAPACK / cuSOLVER work on column-major matrices: on the column-major view M of the
-        # row-major Hw every step runs in place, without the in x in copies torch makes otherwise.
-        # H is symmetric, so M == H; M = L (H = L L^T), then M = H^-1, then M = L2 (H^-1 = L2 L2^T),
-        # and the row-major Hw = L2^T is the upper factor U with H^-1 = U^T U.
+        # U = J L^-1 J where J H J = L L^T (J reverses the order): then U^T U = J (JHJ)^-1 J = H^-1; U
+        # is upper with a positive diagonal, so it is the factor. One Cholesky (on the column-major
+        # view, which cuSOLVER factorises in place; the row-major storage then holds L^T) and one
+        # triangular inverse: half the work of Cholesky -> inverse -> Cholesky, and no in x in copy.
+        flip_(Hw)
         M = Hw.mT
         torch.linalg.cholesky_ex(M, out=(M, info))
         if int(info) == 0:
-            torch.cholesky_inverse(M, out=M)
-            torch.linalg.cholesky_ex(M, out=(M, info))
+            invert_upper_(Hw)  # (L^T)^-1 = (L^-1)^T
+            flip_(Hw)  # J (L^-1)^T J = U^T
+            transpose_(Hw)
             if int(info) == 0 and bool(torch.isfinite(Hw.diagonal()).all()):
                 if attempt:
                     log.warning("%s: Hessian not positive definite at damp %.3g; succeeded with damp %.3g",
@@ -155,8 +157,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
         if cfg.search:  # clipping search weighted by H_jj = 2 E[x_j^2], as importance-weighted RTN does
             a = torch.where(dead, torch.zeros_like(diag), diag) / mean_diag + 1e-6
             a = a.reshape(1, groups, gs)
-        s, z, _ = fit_groups(W.reshape(out, groups, gs), scheme, a, search=cfg.search, scale_dtype=scale_dtype)
-        static = (s[..., 0], z[..., 0])  # (out, G)
+        s, z = fit_groups(W.reshape(out, groups, gs), scheme, a, search=cfg.search, scale_dtype=scale_dtype)[:2]
+        static = (s[..., 0], z[..., 0])  # (out, G); the group codes are not kept (one W-sized buffer less)
     if perm is not None:
         permute_columns_(W, perm)
     dead_p = dead if perm is None else dead[perm]

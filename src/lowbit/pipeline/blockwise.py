@@ -33,7 +33,7 @@ from torch import nn
 from lowbit.core.errors import LowbitError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks
-from lowbit.pipeline.transfer import HostCopier, offload, onload, uploads
+from lowbit.pipeline.transfer import HostCopier, offload, onload, stage, uploads
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,11 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
     try:
         with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task(f"quantizing {len(blocks)} blocks", total=len(blocks))
+            staged = copier.submit(lambda: stage(blocks[0])) if copier.cuda else None
             for i, block in enumerate(blocks):
-                homes = onload(block, dev)
+                homes = onload(block, dev, staged.result() if staged is not None else None)
+                staged = copier.submit(lambda b=blocks[i + 1]: stage(b)) if copier.cuda and i + 1 < len(blocks) \
+                    else None
                 ctx = BlockContext(i, block, block_linears(block, spec, i), spec, dev, hidden, kwargs[i])
                 qws = method.quantize_block(ctx)
                 missing = set(ctx.linears) - set(qws)
@@ -261,7 +264,8 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
                     raise LowbitError(f"block {i}: method returned no weight for {sorted(missing)}")
                 for n, qw in qws.items():
                     lin = ctx.linears[n]
-                    lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
+                    if not getattr(method, "writes_back", False):
+                        lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
                     copier.submit(lambda key=f"{spec.blocks}.{i}.{n}", q=qw: result.__setitem__(key, q.to("cpu")))
                 if calibrated:
                     if not ctx.outputs_ready:

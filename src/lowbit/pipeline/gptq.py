@@ -92,6 +92,7 @@ class GPTQMethod:
     needs_calibration: bool = True
     stats: dict[str, GPTQStats] = field(default_factory=dict)
     timers: dict[str, float] | None = None  # phase -> seconds (synchronising) when a dict is given
+    writes_back = True  # quantize_block leaves the dequantized weights in the block (the engine need not)
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
@@ -128,8 +129,9 @@ class GPTQMethod:
                 t0 = _tick(self.timers, ctx.device)
                 for n, lin in zip(g, lins, strict=True):
                     r1 = r0 + lin.out_features
-                    part = QuantizedWeight(qw.codes[r0:r1].clone(), qw.scales[r0:r1].clone(), qw.zeros[r0:r1].clone(),
-                                           qw.scheme, None if qw.g_idx is None else qw.g_idx.clone())
+                    part = qw if len(g) == 1 else QuantizedWeight(
+                        qw.codes[r0:r1].clone(), qw.scales[r0:r1].clone(), qw.zeros[r0:r1].clone(), qw.scheme,
+                        None if qw.g_idx is None else qw.g_idx.clone())
                     lin.weight.data.copy_(part.dequantize(lin.weight.dtype).to(lin.weight.device))
                     out[n] = part
                     self.stats[f"{ctx.spec.blocks}.{ctx.index}.{n}"] = GPTQStats(
