@@ -58,3 +58,20 @@ def test_codes_range_and_bits_per_weight():
     assert (s.qmax, s.sym_zero) == (15, 8)
     assert s.bits_per_weight(4096) == pytest.approx(4 + 16 / 128)
     assert QuantScheme(4, 128, False).bits_per_weight(4096) == pytest.approx(4 + 20 / 128)
+
+
+@pytest.mark.parametrize("g_idx", [False, True])
+def test_dequantize_into_equals_dequantize(g_idx):
+    import torch
+
+    from lowbit.core.qweight import QuantizedWeight
+
+    s = QuantScheme(4, 32, False)
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (2500, 128), dtype=torch.uint8, generator=gen)
+    zeros = torch.randint(0, 16, (2500, 4), dtype=torch.uint8, generator=gen)
+    gi = (torch.randperm(128, generator=gen) // 32).to(torch.int32) if g_idx else None
+    q = QuantizedWeight(codes, torch.rand(2500, 4, generator=gen), zeros, s, gi)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(2500, 128, dtype=dtype)
+        assert q.dequantize_into(out, rows=1000) is out and torch.equal(out, q.dequantize(dtype))

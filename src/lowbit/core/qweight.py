@@ -60,6 +60,17 @@ class QuantizedWeight:
         z = self.zeros.to(torch.float32)[:, g]
         return (s * (self.codes.to(torch.float32) - z)).to(dtype)
 
+    def dequantize_into(self, out: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+        """Write ``W_hat`` into ``out (out, in)`` (its dtype and device), ``rows`` rows at a time:
+        the same values as :meth:`dequantize`, with band-sized float32 temporaries only."""
+        g = self.group_index().to(self.codes.device)
+        for r0 in range(0, self.codes.shape[0], rows):
+            sl = slice(r0, r0 + rows)
+            s = self.scales[sl].to(torch.float32)[:, g]
+            z = self.zeros[sl].to(torch.float32)[:, g]
+            out[sl].copy_(s * (self.codes[sl].to(torch.float32) - z))
+        return out
+
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(
             self.codes.to(device), self.scales.to(device), self.zeros.to(device), self.scheme,

@@ -265,7 +265,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
                 for n, qw in qws.items():
                     lin = ctx.linears[n]
                     if not getattr(method, "writes_back", False):
-                        lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
+                        qw.to(lin.weight.device).dequantize_into(lin.weight.data)
                     copier.submit(lambda key=f"{spec.blocks}.{i}.{n}", q=qw: result.__setitem__(key, q.to("cpu")))
                 if calibrated:
                     if not ctx.outputs_ready:

@@ -109,8 +109,9 @@ class GPTQMethod:
             for g in groups:
                 if g[0] not in stage:
                     continue
-                o = obs[g[0]]
+                o = obs.pop(g[0])  # the Hessian is freed once solved, before the write-back
                 H, _ = sum_weighted(o.H, o.n)  # type: ignore[attr-defined]
+                del o
                 lins = [ctx.linears[n] for n in g]
                 owner = solved % size
                 solved += 1
@@ -132,7 +133,7 @@ class GPTQMethod:
                     part = qw if len(g) == 1 else QuantizedWeight(
                         qw.codes[r0:r1].clone(), qw.scales[r0:r1].clone(), qw.zeros[r0:r1].clone(), qw.scheme,
                         None if qw.g_idx is None else qw.g_idx.clone())
-                    lin.weight.data.copy_(part.dequantize(lin.weight.dtype).to(lin.weight.device))
+                    part.dequantize_into(lin.weight.data)
                     out[n] = part
                     self.stats[f"{ctx.spec.blocks}.{ctx.index}.{n}"] = GPTQStats(
                         float(st.row_loss[r0:r1].sum()), st.damp, st.dead_columns)
