@@ -47,6 +47,10 @@ def main() -> None:
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="lowbit GPTQ with act-order, static groups (default, as llm-compressor's default)")
     p.add_argument("--search", action="store_true", help="lowbit GPTQ with the H-weighted clipping search")
+    p.add_argument("--refit", action="store_true", help="lowbit GPTQ refits group scales to the output error")
+    p.add_argument("--lowbit", nargs="+", default=["rtn", "gptq"],
+                   choices=["rtn", "gptq", "gptq-refit", "gptq-search", "gptq-search-refit"],
+                   help="lowbit rows: RTN and GPTQ variants (search: H-weighted clipping search, refit: scale refit)")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
     p.add_argument("--out", default="bench/results/gptq")
     a = p.parse_args()
@@ -63,14 +67,18 @@ def main() -> None:
             scheme = get_scheme(sname, group_size=a.group_size)
             models: dict[str, torch.nn.Module] = {"reference": ref.model}
             secs: dict[str, float] = {}
-            for method in ("rtn", "gptq"):
+            for variant in a.lowbit:
+                method = variant.split("-")[0]
+                opts = set(variant.split("-")[1:])
                 work = copy.deepcopy(ref)
-                res = quantize_loaded(work, scheme, out / name / f"{sname}-{method}", method=method, calib="c4",
+                res = quantize_loaded(work, scheme, out / name / f"{sname}-{variant}", method=method, calib="c4",
                                       calib_samples=a.calib_samples, calib_len=a.calib_len, force=True,
-                                      progress=False, gptq=GPTQConfig(act_order=a.act_order, search=a.search))
+                                      progress=False, gptq=GPTQConfig(act_order=a.act_order,
+                                                                     search=a.search or "search" in opts,
+                                                                     refit=a.refit or "refit" in opts))
                 del work
-                models[f"lowbit-{method}"] = load_quantized(res.path)[0]
-                secs[f"lowbit-{method}"] = res.seconds
+                models[f"lowbit-{variant}"] = load_quantized(res.path)[0]
+                secs[f"lowbit-{variant}"] = res.seconds
             if a.llmc_python:
                 peer_dir = out / name / f"{sname}-llmcompressor"
                 t0 = time.perf_counter()

@@ -211,3 +211,15 @@ def test_hessian_weighted_clipping_search_helps():
     plain, _ = gptq_quantize(w, H, s, GPTQConfig(search=False))
     searched, _ = gptq_quantize(w, H, s, GPTQConfig(search=True))
     assert _out_err(w, searched, x) < _out_err(w, plain, x)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_scale_refit_lowers_layer_output_error(bits):
+    w, x = _layer(out=96, inp=256, n=2048, seed=10 + bits)
+    H = _hessian(x)
+    s = QuantScheme(bits, 64, bits == 4)
+    plain, _ = gptq_quantize(w, H, s, scale_dtype=torch.bfloat16)
+    refit, _ = gptq_quantize(w, H, s, GPTQConfig(refit=True), scale_dtype=torch.bfloat16)
+    assert torch.equal(refit.codes, plain.codes)  # only the scales move
+    assert refit.scales.dtype == torch.bfloat16 and not torch.equal(refit.scales, plain.scales)
+    assert _out_err(w, refit, x) < 0.995 * _out_err(w, plain, x)

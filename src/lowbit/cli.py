@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dynamic-groups", action="store_true",
                    help="with --act-order: groups follow the permuted order (stores g_idx; older loaders only)")
     g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean Hessian diagonal")
+    g.add_argument("--refit", action="store_true",
+                   help="after GPTQ, refit the group scales to the layer output error (codes fixed)")
     g.add_argument("--block-size", type=int, default=128, help="lazy-update block size")
     g.add_argument("--no-true-sequential", action="store_true", help="one Hessian pass per block")
     g.add_argument("--hessians-on-cpu", action="store_true", help="keep Hessians in CPU memory")
@@ -156,7 +158,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from lowbit.methods.gptq import GPTQConfig
 
     gptq = GPTQConfig(damp=a.damp, block_size=a.block_size, act_order=a.act_order,
-                      static_groups=not a.dynamic_groups, search=a.mse)
+                      static_groups=not a.dynamic_groups, search=a.mse, refit=a.refit)
     calib_len = a.calib_len or (2048 if a.method.endswith("gptq") else 512)
     device = a.device
     if device == "auto":

@@ -43,6 +43,7 @@ from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods import gptq_triton
 from lowbit.methods.gptq_block import run_block_columns
+from lowbit.methods.gptq_refit import refit_scales
 from lowbit.methods.rtn import fit_groups
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class GPTQConfig:
     max_damp_tries: int = 8
     cuda_graphs: bool = True  # replay the column loop of static-group blocks as CUDA graphs on GPUs
     triton: bool = True  # on GPUs with Triton: one kernel per block of static-group columns (else graphs)
+    refit: bool = False  # after the columns, refit static group scales to the layer output error (gptq_refit)
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
@@ -139,6 +141,7 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
     for a fresh ``H`` (the retry needs the original).
     """
     out, cols = weight.shape
+    consume_hessian = consume_hessian and not cfg.refit  # the refit needs H after the columns
     if H.shape != (cols, cols):
         raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
     groups = scheme.n_groups(cols)
@@ -200,6 +203,10 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
         codes = codes[:, inv]
         if static is None:
             g_idx = col_group[inv].to(torch.int32)  # original column c was processed at position inv[c]
+    if cfg.refit and static is not None:
+        W0 = weight.detach().to(torch.float32, copy=True)
+        W0[:, dead] = 0
+        scales = refit_scales(W0, codes, scales, zeros, H, scale_dtype=scale_dtype)
     qw = QuantizedWeight(codes.to(torch.uint8), scales.to(scale_dtype), zeros.to(torch.uint8), scheme, g_idx)
     stats = GPTQStats(float(losses.sum()), damp, int(dead.sum()), losses.cpu())
     log.debug("%s: GPTQ loss %.4g (damp %.3g, %d dead columns)", name, stats.loss, damp, stats.dead_columns)
