@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -128,8 +129,9 @@ def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device,
     ``head`` is False) to ``device``, or, given the ``homes`` a first call returned, point it back at
     its unchanged host tensors (no copy back)."""
     moved: dict[str, torch.Tensor] = {}
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    m: Any = model
+    out_emb = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+    in_emb = m.get_input_embeddings() if hasattr(m, "get_input_embeddings") else None
     skip: set[int] = set()
     if not head and out_emb is not None and (in_emb is None or out_emb.weight is not in_emb.weight):
         skip = {id(p) for p in out_emb.parameters()}
@@ -226,6 +228,10 @@ def _check_finite(name: str, w: torch.Tensor) -> None:
                           "saved after a diverged run; re-download or re-export it before quantizing")
 
 
+def _store(result: dict[str, QuantizedWeight], key: str, qw: QuantizedWeight) -> None:
+    result[key] = qw.to("cpu")
+
+
 def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | None = None,
                   device: str | torch.device = "cpu", progress: bool = True, offload_activations: bool = False
                   ) -> dict[str, QuantizedWeight]:
@@ -252,11 +258,11 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
     try:
         with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task(f"quantizing {len(blocks)} blocks", total=len(blocks))
-            staged = copier.submit(lambda: stage(blocks[0])) if copier.cuda else None
+            staged = copier.submit(partial(stage, blocks[0])) if copier.cuda else None
             for i, block in enumerate(blocks):
                 homes = onload(block, dev, staged.result() if staged is not None else None)
-                staged = copier.submit(lambda b=blocks[i + 1]: stage(b)) if copier.cuda and i + 1 < len(blocks) \
-                    else None
+                nxt = i + 1 < len(blocks) and copier.cuda
+                staged = copier.submit(partial(stage, blocks[i + 1])) if nxt else None  # pinned, meanwhile
                 ctx = BlockContext(i, block, block_linears(block, spec, i), spec, dev, hidden, kwargs[i])
                 qws = method.quantize_block(ctx)
                 missing = set(ctx.linears) - set(qws)
@@ -266,7 +272,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
                     lin = ctx.linears[n]
                     if not getattr(method, "writes_back", False):
                         qw.to(lin.weight.device).dequantize_into(lin.weight.data)
-                    copier.submit(lambda key=f"{spec.blocks}.{i}.{n}", q=qw: result.__setitem__(key, q.to("cpu")))
+                    copier.submit(partial(_store, result, f"{spec.blocks}.{i}.{n}", qw))
                 if calibrated:
                     if not ctx.outputs_ready:
                         ctx.run(keep_outputs=True)
