@@ -228,6 +228,14 @@ def _check_finite(name: str, w: torch.Tensor) -> None:
                           "saved after a diverged run; re-download or re-export it before quantizing")
 
 
+def _write_back(qw: Any, lin: nn.Linear) -> None:
+    """The dequantized weights into ``lin`` (in row bands where the weight type supports it)."""
+    if isinstance(qw, QuantizedWeight):
+        qw.to(lin.weight.device).dequantize_into(lin.weight.data)
+    else:  # data-type weights (NF4, FP8, LLM.int8): whole-matrix dequantize
+        lin.weight.data.copy_(qw.dequantize(lin.weight.dtype).to(lin.weight.device))
+
+
 def _store(result: dict[str, QuantizedWeight], key: str, qw: QuantizedWeight) -> None:
     result[key] = qw.to("cpu")
 
@@ -271,7 +279,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
                 for n, qw in qws.items():
                     lin = ctx.linears[n]
                     if not getattr(method, "writes_back", False):
-                        qw.to(lin.weight.device).dequantize_into(lin.weight.data)
+                        _write_back(qw, lin)
                     copier.submit(partial(_store, result, f"{spec.blocks}.{i}.{n}", qw))
                 if calibrated:
                     if not ctx.outputs_ready:
