@@ -46,7 +46,7 @@ def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argpars
         work = copy.deepcopy(ref)
         res = quantize_loaded(work, scheme, out / f"{scheme.name}-{tag}", method=method, calib="c4",
                               calib_samples=a.calib_samples, calib_len=a.calib_len, force=True, progress=False,
-                              **({"alpha": alpha} if alpha is not None else {}))
+                              awq_clip=a.awq_clip, **({"alpha": alpha} if alpha is not None else {}))
         del work
         models[f"lowbit-{tag}"] = load_artifact(res.path)
         secs[f"lowbit-{tag}"] = res.seconds
@@ -66,6 +66,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["rtn", "awq", "awq+gptq"])
     p.add_argument("--smoothquant", action="store_true", help="also W8A8 RTN vs SmoothQuant W8A8 (dynamic int8)")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.5], help="SmoothQuant migration strengths")
+    p.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=True,
+                   help="lowbit AWQ's clipping search (on by default)")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
     p.add_argument("--out", default="bench/results/awq")
     a = p.parse_args()

@@ -119,6 +119,13 @@ def test_cli_awq_and_awq_gptq_and_errors(tmp_path, capsys):
               str(corpus), "--calib-samples", "4", "--calib-len", "32"]
     assert main([*common, "--method", "awq", "--awq-save", str(tmp_path / "s.safetensors"),
                  "-o", str(tmp_path / "a")]) == 0
+    assert main([*common, "--method", "awq", "--no-awq-clip", "--awq-save", str(tmp_path / "n.safetensors"),
+                 "-o", str(tmp_path / "n")]) == 0
+    from lowbit.pipeline.awq import AWQResult
+
+    with_clip, no_clip = AWQResult.load(tmp_path / "s.safetensors")[0], AWQResult.load(tmp_path / "n.safetensors")[0]
+    first = {k: v for k, v in with_clip.alphas.items() if ".layers.0." in k}  # later blocks see clipped inputs
+    assert with_clip.clips and not no_clip.clips and first and all(no_clip.alphas[k] == v for k, v in first.items())
     assert main([*common, "--method", "awq+gptq", "--awq-load", str(tmp_path / "s.safetensors"),
                  "-o", str(tmp_path / "ag")]) == 0
     from transformers import CompressedTensorsConfig
