@@ -36,17 +36,23 @@ from lowbit.models.loader import load_model
 log = logging.getLogger("awq_quality")
 
 
+#: bench-only method names that pin the clipping search: name -> (method, clip)
+CLIP_VARIANTS = {"awq-clip": ("awq", True), "awq-noclip": ("awq", False),
+                 "awq+gptq-clip": ("awq+gptq", True), "awq+gptq-noclip": ("awq+gptq", False)}
+
+
 def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argparse.Namespace
                 ) -> tuple[dict[str, torch.nn.Module], dict[str, float]]:
     models, secs = {}, {}
     runs = [(m, None) for m in methods if m != "smoothquant"]
     runs += [("smoothquant", al) for al in (a.alphas if "smoothquant" in methods else [])]
-    for method, alpha in runs:
-        tag = method if alpha is None or len(a.alphas) == 1 else f"{method}-a{alpha:g}"
+    for variant, alpha in runs:
+        tag = variant if alpha is None or len(a.alphas) == 1 else f"{variant}-a{alpha:g}"
+        method, clip = CLIP_VARIANTS.get(variant, (variant, a.awq_clip))
         work = copy.deepcopy(ref)
         res = quantize_loaded(work, scheme, out / f"{scheme.name}-{tag}", method=method, calib="c4",
                               calib_samples=a.calib_samples, calib_len=a.calib_len, force=True, progress=False,
-                              awq_clip=a.awq_clip, **({"alpha": alpha} if alpha is not None else {}))
+                              awq_clip=clip, **({"alpha": alpha} if alpha is not None else {}))
         del work
         models[f"lowbit-{tag}"] = load_artifact(res.path)
         secs[f"lowbit-{tag}"] = res.seconds
@@ -63,12 +69,15 @@ def main() -> None:
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--ctx", type=int, default=2048)
-    p.add_argument("--methods", nargs="+", default=["rtn", "awq", "awq+gptq"])
+    p.add_argument("--methods", nargs="+", default=["rtn", "awq", "awq+gptq"],
+                   help=f"lowbit methods; also {', '.join(CLIP_VARIANTS)} to pin the clipping search")
     p.add_argument("--smoothquant", action="store_true", help="also W8A8 RTN vs SmoothQuant W8A8 (dynamic int8)")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.5], help="SmoothQuant migration strengths")
     p.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=True,
                    help="lowbit AWQ's clipping search (on by default)")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
+    p.add_argument("--reuse-peer", action="store_true",
+                   help="reuse llm-compressor's artifact from an earlier run with the same --out (same tokens)")
     p.add_argument("--out", default="bench/results/awq")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -91,8 +100,12 @@ def main() -> None:
             if a.llmc_python and scheme.act_bits is None:
                 peer_dir = out / name / f"{sname}-llmcompressor-awq"
                 t0 = time.perf_counter()
-                subprocess.run([a.llmc_python, str(Path(__file__).parent / "peers" / "llmc_awq.py"), str(ref.path),
-                                str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)], check=True)
+                if a.reuse_peer and (peer_dir / "peer.json").exists():
+                    log.info("reusing llm-compressor's artifact %s", peer_dir)
+                else:
+                    subprocess.run([a.llmc_python, str(Path(__file__).parent / "peers" / "llmc_awq.py"), str(ref.path),
+                                    str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)],
+                                   check=True)
                 secs["llmcompressor-awq"] = json.loads((peer_dir / "peer.json").read_text())["seconds"]
                 log.info("llm-compressor AWQ took %.0f s (wall %.0f s)", secs["llmcompressor-awq"],
                          time.perf_counter() - t0)

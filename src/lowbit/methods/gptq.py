@@ -44,7 +44,7 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.methods import gptq_triton
 from lowbit.methods.gptq_block import run_block_columns
 from lowbit.methods.gptq_refit import refit_scales
-from lowbit.methods.rtn import fit_groups
+from lowbit.methods.rtn import fit_groups, fit_params
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,15 @@ def _inverse_cholesky_(Hw: torch.Tensor, source: Callable[[], None] | None, mean
 
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(),
                   *, scale_dtype: torch.dtype = torch.float32, name: str = "layer",
-                  timers: dict[str, float] | None = None, consume_hessian: bool = False
-                  ) -> tuple[QuantizedWeight, GPTQStats]:
+                  timers: dict[str, float] | None = None, consume_hessian: bool = False,
+                  consume_weight: bool = False) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize ``weight (out, in)`` given the Hessian ``H (in, in)`` of its inputs.
 
     With ``timers`` the seconds of the phases (``cholesky``, ``columns``) are added to it. With
     ``consume_hessian`` a float32 ``H`` on ``weight``'s device is factorised in place (no second
     ``in x in`` buffer); if the factorisation then fails, :class:`HessianConsumed` asks the caller
-    for a fresh ``H`` (the retry needs the original).
+    for a fresh ``H`` (the retry needs the original). With ``consume_weight`` a float32 ``weight``
+    is the working copy (overwritten; no second ``out x in`` float32 buffer).
     """
     out, cols = weight.shape
     consume_hessian = consume_hessian and not cfg.refit  # the refit needs H after the columns
@@ -151,7 +152,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
     dead = diag == 0
     mean_diag = float(torch.where(dead, torch.ones_like(diag), diag).mean())
     perm = torch.argsort(torch.where(dead, torch.ones_like(diag), diag), descending=True) if cfg.act_order else None
-    W = weight.detach().to(torch.float32, copy=True)
+    own = consume_weight and weight.dtype == torch.float32 and not cfg.refit  # the refit re-reads the weight
+    W = weight.detach() if own else weight.detach().to(torch.float32, copy=True)
     W[:, dead] = 0
 
     static: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -160,8 +162,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
         if cfg.search:  # clipping search weighted by H_jj = 2 E[x_j^2], as importance-weighted RTN does
             a = torch.where(dead, torch.zeros_like(diag), diag) / mean_diag + 1e-6
             a = a.reshape(1, groups, gs)
-        s, z = fit_groups(W.reshape(out, groups, gs), scheme, a, search=cfg.search, scale_dtype=scale_dtype)[:2]
-        static = (s[..., 0], z[..., 0])  # (out, G); the group codes are not kept (one W-sized buffer less)
+        s, z = fit_params(W.reshape(out, groups, gs), scheme, a, search=cfg.search, scale_dtype=scale_dtype)
+        static = (s[..., 0], z[..., 0])  # (out, G); no W-sized codes are made
     if perm is not None:
         permute_columns_(W, perm)
     dead_p = dead if perm is None else dead[perm]

@@ -51,7 +51,7 @@ def _params(w: torch.Tensor, scheme: QuantScheme, p: float, scale_dtype: torch.d
     """Scale and zero point ``(out, G, 1)`` of groups ``w (out, G, gs)`` with the range shrunk by ``p``."""
     qmax = scheme.qmax
     if scheme.symmetric:
-        amax = w.abs().amax(-1, keepdim=True) * p
+        amax = torch.maximum(w.amax(-1, keepdim=True), -w.amin(-1, keepdim=True)) * p  # no |w|-sized temporary
         scale = 2 * amax / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.full_like(scale, float(scheme.sym_zero))
@@ -117,6 +117,18 @@ def fit_groups(
         best = torch.where(better, e2, best)
         scale, q = torch.where(better, s2, scale), torch.where(better, q2, q)
     return scale, zero, q
+
+
+def fit_params(w: torch.Tensor, scheme: QuantScheme, a: torch.Tensor | None = None, *, search: bool = False,
+               scale_dtype: torch.dtype = torch.float32, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ``(out, G, 1)`` of the groups ``w (out, G, gs)``, as :func:`fit_groups`
+    fits them, without keeping codes: the search runs ``rows`` rows at a time, so its temporaries
+    are band-sized (GPTQ's static groups need only the parameters)."""
+    if not search:
+        return _params(w, scheme, 1.0, scale_dtype)
+    parts = [fit_groups(w[r0:r0 + rows], scheme, a, search=True, scale_dtype=scale_dtype)[:2]
+             for r0 in range(0, w.shape[0], rows)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def fake_quantize(weight: torch.Tensor, scheme: QuantScheme, scale_dtype: torch.dtype = torch.float32

@@ -14,12 +14,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods.gptq import GPTQConfig, GPTQStats, HessianConsumed, gptq_quantize
 from lowbit.pipeline.blockwise import BlockContext, collect
 from lowbit.pipeline.distributed import broadcast_object, broadcast_qweight, sum_weighted, world
+from lowbit.pipeline.transfer import to_host_async
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,14 @@ class HessianObserver:
             self._S.mul_(2.0 / max(self.n, 1))
             self._final = True
         return self._S
+
+
+def _own(t: torch.Tensor, shared: bool) -> torch.Tensor:
+    """``t`` in host memory of its own: an async pinned copy of a device tensor, a clone of a host
+    view that shares its storage with other results (``shared``), else ``t`` itself."""
+    if t.device.type != "cpu":
+        return to_host_async(t)
+    return t.clone() if shared else t
 
 
 def _tick(timers: dict[str, float] | None, device: torch.device) -> float:
@@ -115,14 +125,15 @@ class GPTQMethod:
                 lins = [ctx.linears[n] for n in g]
                 owner = solved % size
                 solved += 1
-                # the linears of a group share H: one solve over their stacked rows (rows are independent)
-                W = lins[0].weight if len(lins) == 1 else torch.cat([lin.weight for lin in lins])
+                # the linears of a group share H: one solve over their stacked rows (rows are independent),
+                # written straight into the float32 working copy GPTQ consumes
+                shape = (sum(lin.out_features for lin in lins), lins[0].in_features)
                 qw, st = None, None
                 if owner == rank:
-                    qw, st = self._solve(ctx, g, W, H, consume=size == 1)
+                    qw, st = self._solve(ctx, g, lins, H, consume=size == 1)
                 del H
                 dynamic = self.config.act_order and not self.config.static_groups
-                qw = broadcast_qweight(qw, owner, tuple(W.shape), self.scheme,  # type: ignore[arg-type]
+                qw = broadcast_qweight(qw, owner, shape, self.scheme,  # type: ignore[arg-type]
                                        self.scale_dtype, hdev, dynamic)
                 st = broadcast_object(st, owner)  # type: ignore[assignment]
                 assert isinstance(st, GPTQStats) and st.row_loss is not None
@@ -131,32 +142,50 @@ class GPTQMethod:
                 for n, lin in zip(g, lins, strict=True):
                     r1 = r0 + lin.out_features
                     part = qw if len(g) == 1 else QuantizedWeight(
-                        qw.codes[r0:r1].clone(), qw.scales[r0:r1].clone(), qw.zeros[r0:r1].clone(), qw.scheme,
-                        None if qw.g_idx is None else qw.g_idx.clone())
+                        qw.codes[r0:r1], qw.scales[r0:r1], qw.zeros[r0:r1], qw.scheme, qw.g_idx)
                     part.dequantize_into(lin.weight.data)
-                    out[n] = part
+                    # results leave the device at once (later stages' peaks hold no codes); row slices
+                    # are contiguous, so each linear gets host tensors of its own without a device clone
+                    shared = len(g) > 1
+                    out[n] = QuantizedWeight(_own(part.codes, shared), _own(part.scales, shared),
+                                             _own(part.zeros, shared), qw.scheme,
+                                             None if qw.g_idx is None else _own(qw.g_idx, shared))
                     self.stats[f"{ctx.spec.blocks}.{ctx.index}.{n}"] = GPTQStats(
                         float(st.row_loss[r0:r1].sum()), st.damp, st.dead_columns)
                     r0 = r1
+                del qw, part  # not held through the next stage's forward
                 _tock(self.timers, "write-back", t0, ctx.device)
             del obs
         return out
 
-    def _solve(self, ctx: BlockContext, g: tuple[str, ...], W: torch.Tensor, H: torch.Tensor, consume: bool
+    def _solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor, consume: bool
                ) -> tuple[QuantizedWeight, GPTQStats]:
-        """GPTQ of the stacked rows ``W`` of group ``g``; ``H`` is factorised in place when ``consume``.
+        """GPTQ of the stacked rows of the linears ``lins`` of group ``g``; ``H`` is factorised in
+        place when ``consume``.
 
         If that factorisation fails, the retry needs the original Hessian: it is collected again
         (one more run of the block; rare) and solved on a copy, with damping raised as usual.
         """
         name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
         try:
-            return gptq_quantize(W, H, self.scheme, self.config, scale_dtype=self.scale_dtype, name=name,
-                                 timers=self.timers, consume_hessian=consume)
+            return gptq_quantize(_stacked(lins), H, self.scheme, self.config, scale_dtype=self.scale_dtype,
+                                 name=name, timers=self.timers, consume_hessian=consume, consume_weight=True)
         except HessianConsumed:
             log.info("%s: collecting its Hessian again to retry with more damping", name)
         del H
         hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
         obs = collect(ctx, lambda n, m: HessianObserver(m.in_features, hdev, self.timers), names=[g[0]])
-        return gptq_quantize(W, obs[g[0]].H, self.scheme, self.config,  # type: ignore[attr-defined]
-                             scale_dtype=self.scale_dtype, name=name, timers=self.timers)
+        return gptq_quantize(_stacked(lins), obs[g[0]].H, self.scheme, self.config,  # type: ignore[attr-defined]
+                             scale_dtype=self.scale_dtype, name=name, timers=self.timers, consume_weight=True)
+
+
+def _stacked(lins: list[nn.Linear]) -> torch.Tensor:
+    """The weights of ``lins`` stacked along the rows, in a new float32 buffer ``(sum out, in)``
+    (GPTQ's working copy: no bf16 concatenation on the way)."""
+    W = torch.empty(sum(lin.out_features for lin in lins), lins[0].in_features, dtype=torch.float32,
+                    device=lins[0].weight.device)
+    r0 = 0
+    for lin in lins:
+        W[r0:r0 + lin.out_features].copy_(lin.weight.detach())
+        r0 += lin.out_features
+    return W

@@ -74,6 +74,16 @@ class HostCopier:
                 self._pool.shutdown(wait=True)
 
 
+def to_host_async(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied to pinned host memory without blocking (CUDA tensors; others are returned as
+    they are). The copy is queued on the current stream: the device tensor may be freed at once
+    (the allocator reuses it only after the copy), and the host must not read the result before
+    that stream is synchronised (``HostCopier.wait`` does, for results stored through it)."""
+    if t.device.type != "cuda":
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
 def stage(module: nn.Module) -> dict[str, torch.Tensor]:
     """Pinned copies of ``module``'s host parameters and buffers, for a fast upload later (a host
     memcpy; run it in the background while the device works on the previous block)."""
