@@ -111,6 +111,7 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
         if len(calls) == 1:
             assert consume_hessian
             H.fill_(float("nan"))  # what a failed in-place factorisation leaves behind
+            W.fill_(float("nan"))  # the consumed working copy too: the retry must rebuild it
             raise HessianConsumed("failed")
         return real(W, H, *a, consume_hessian=consume_hessian, **k)
 
@@ -119,6 +120,22 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
     qws = quantize_model(model, QuantScheme(4, 32), method, tokens=ids, progress=False)
     assert calls[:3] == [True, False, True] and len(qws) == 14
     assert all(torch.isfinite(q.scales).all() for q in qws.values())
+    assert all(torch.isfinite(lin.weight).all() for lin in model.modules() if isinstance(lin, torch.nn.Linear))
+
+
+def test_group_results_own_their_host_storage(tmp_path):
+    """q/k/v (and gate/up) are solved stacked; each linear's result must be a tensor of its own
+    (safetensors refuses shared storage) and the layer weights are left untouched until write-back."""
+    d = make_tiny_model_dir(tmp_path / "m", "llama")
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(2))
+    qws = quantize_model(model, QuantScheme(4, 32), GPTQMethod(QuantScheme(4, 32)), tokens=ids, progress=False)
+    ptrs = [t.untyped_storage().data_ptr() for q in qws.values() for t in (q.codes, q.scales, q.zeros)]
+    assert len(set(ptrs)) == len(ptrs)
+    for name, q in qws.items():
+        w = model.get_submodule(name).weight
+        assert q.codes.device.type == "cpu" and q.codes.is_contiguous()
+        torch.testing.assert_close(q.dequantize(w.dtype), w.detach())
 
 
 def test_true_sequential_pipeline_on_tiny_model(tmp_path):

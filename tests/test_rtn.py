@@ -86,3 +86,16 @@ def test_zero_group_is_exact():
     w[:, :32] = 0
     qw = quantize_rtn(w, QuantScheme(4, 32, False))
     assert bool((qw.dequantize()[:, :32] == 0).all())
+
+
+@pytest.mark.parametrize("search", [False, True])
+@pytest.mark.parametrize("sym", [True, False])
+def test_fit_params_in_bands_equals_fit_groups(search, sym):
+    from lowbit.methods.rtn import fit_groups, fit_params
+
+    w = torch.randn(70, 4, 32, generator=torch.Generator().manual_seed(0))
+    a = torch.rand(1, 4, 32, generator=torch.Generator().manual_seed(1))
+    sch = QuantScheme(3, 32, sym)
+    s, z, _ = fit_groups(w, sch, a, search=search, scale_dtype=torch.bfloat16)
+    s2, z2 = fit_params(w, sch, a, search=search, scale_dtype=torch.bfloat16, rows=16)
+    assert torch.equal(s, s2) and torch.equal(z, z2)
