@@ -49,9 +49,12 @@ def main() -> None:
     p.add_argument("--search", action="store_true", help="lowbit GPTQ with the H-weighted clipping search")
     p.add_argument("--refit", action="store_true", help="lowbit GPTQ refits group scales to the output error")
     p.add_argument("--lowbit", nargs="+", default=["rtn", "gptq"],
-                   choices=["rtn", "gptq", "gptq-refit", "gptq-search", "gptq-search-refit"],
-                   help="lowbit rows: RTN and GPTQ variants (search: H-weighted clipping search, refit: scale refit)")
+                   help="lowbit rows: rtn, gptq and GPTQ variants joined by '-': search (H-weighted clipping "
+                        "search), pX (importance (H_jj / mean)^X in that search, default 1), refit (scale refit), "
+                        "aX (asymmetric calibration, GPTAQ, strength X); e.g. gptq-search-p0.5, gptq-a0.25")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
+    p.add_argument("--reuse-peer", action="store_true",
+                   help="reuse llm-compressor's artifact from an earlier run with the same --out (same tokens)")
     p.add_argument("--out", default="bench/results/gptq")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -70,20 +73,25 @@ def main() -> None:
             for variant in a.lowbit:
                 method = variant.split("-")[0]
                 opts = set(variant.split("-")[1:])
+                power = next((float(o[1:]) for o in opts if o.startswith("p")), 1.0)  # e.g. gptq-search-p0.5
+                asym = next((float(o[1:]) for o in opts if o.startswith("a")), 0.0)  # e.g. gptq-a0.25 (GPTAQ)
                 work = copy.deepcopy(ref)
                 res = quantize_loaded(work, scheme, out / name / f"{sname}-{variant}", method=method, calib="c4",
                                       calib_samples=a.calib_samples, calib_len=a.calib_len, force=True,
                                       progress=False, gptq=GPTQConfig(act_order=a.act_order,
                                                                      search=a.search or "search" in opts,
-                                                                     refit=a.refit or "refit" in opts))
+                                                                     refit=a.refit or "refit" in opts,
+                                                                     search_power=power, asym_alpha=asym))
                 del work
                 models[f"lowbit-{variant}"] = load_quantized(res.path)[0]
                 secs[f"lowbit-{variant}"] = res.seconds
             if a.llmc_python:
                 peer_dir = out / name / f"{sname}-llmcompressor"
                 t0 = time.perf_counter()
-                subprocess.run([a.llmc_python, str(Path(__file__).parent / "peers" / "llmc_gptq.py"), str(ref.path),
-                                str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)], check=True)
+                if not (a.reuse_peer and (peer_dir / "peer.json").exists()):
+                    subprocess.run([a.llmc_python, str(Path(__file__).parent / "peers" / "llmc_gptq.py"), str(ref.path),
+                                    str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)],
+                                   check=True)
                 secs["llmcompressor-gptq"] = json.loads((peer_dir / "peer.json").read_text())["seconds"]
                 log.info("llm-compressor took %.0f s (wall %.0f s)", secs["llmcompressor-gptq"],
                          time.perf_counter() - t0)

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of the mean Hessian diagonal")
     g.add_argument("--refit", action="store_true",
                    help="after GPTQ, refit the group scales to the layer output error (codes fixed)")
+    g.add_argument("--asym-alpha", type=float, default=0.0, metavar="ALPHA",
+                   help="asymmetric calibration (GPTAQ): aim each layer at the float model's output, with this "
+                        "strength in (0, 1] (0.25 is GPTAQ's; default 0 = plain GPTQ); one more block forward "
+                        "per stage and an in x in matrix per layer")
     g.add_argument("--block-size", type=int, default=128, help="lazy-update block size")
     g.add_argument("--no-true-sequential", action="store_true", help="one Hessian pass per block")
     g.add_argument("--hessians-on-cpu", action="store_true", help="keep Hessians in CPU memory")
@@ -160,7 +164,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from lowbit.methods.gptq import GPTQConfig
 
     gptq = GPTQConfig(damp=a.damp, block_size=a.block_size, act_order=a.act_order,
-                      static_groups=not a.dynamic_groups, search=a.mse, refit=a.refit)
+                      static_groups=not a.dynamic_groups, search=a.mse, refit=a.refit, asym_alpha=a.asym_alpha)
     calib_len = a.calib_len or (2048 if a.method.endswith("gptq") else 512)
     device = a.device
     if device == "auto":

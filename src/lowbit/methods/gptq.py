@@ -42,6 +42,7 @@ from lowbit.core.inplace import flip_, invert_upper_, permute_columns_, permute_
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods import gptq_triton
+from lowbit.methods.gptaq import asymmetric_target_
 from lowbit.methods.gptq_block import run_block_columns
 from lowbit.methods.gptq_refit import refit_scales
 from lowbit.methods.rtn import fit_groups, fit_params
@@ -63,12 +64,16 @@ class GPTQConfig:
     cuda_graphs: bool = True  # replay the column loop of static-group blocks as CUDA graphs on GPUs
     triton: bool = True  # on GPUs with Triton: one kernel per block of static-group columns (else graphs)
     refit: bool = False  # after the columns, refit static group scales to the layer output error (gptq_refit)
+    search_power: float = 1.0  # importance of column j in the clipping search: (H_jj / mean H_jj) ** power
+    asym_alpha: float = 0.0  # > 0: asymmetric calibration towards the float model's outputs (gptaq), this strength
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
             raise SchemeError(f"GPTQ damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
             raise SchemeError(f"GPTQ block size must be >= 1, got {self.block_size}")
+        if not 0 <= self.asym_alpha <= 1:
+            raise SchemeError(f"GPTQ asymmetric calibration strength must be in [0, 1], got {self.asym_alpha}")
 
 
 @dataclass
@@ -132,14 +137,17 @@ def _inverse_cholesky_(Hw: torch.Tensor, source: Callable[[], None] | None, mean
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(),
                   *, scale_dtype: torch.dtype = torch.float32, name: str = "layer",
                   timers: dict[str, float] | None = None, consume_hessian: bool = False,
-                  consume_weight: bool = False) -> tuple[QuantizedWeight, GPTQStats]:
+                  consume_weight: bool = False, cross: torch.Tensor | None = None
+                  ) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize ``weight (out, in)`` given the Hessian ``H (in, in)`` of its inputs.
 
     With ``timers`` the seconds of the phases (``cholesky``, ``columns``) are added to it. With
     ``consume_hessian`` a float32 ``H`` on ``weight``'s device is factorised in place (no second
     ``in x in`` buffer); if the factorisation then fails, :class:`HessianConsumed` asks the caller
     for a fresh ``H`` (the retry needs the original). With ``consume_weight`` a float32 ``weight``
-    is the working copy (overwritten; no second ``out x in`` float32 buffer).
+    is the working copy (overwritten; no second ``out x in`` float32 buffer). With ``cross``
+    ``D = (X - X~)^T X~`` (float minus quantized-model inputs, scaled like ``H``) and
+    ``cfg.asym_alpha > 0`` the target is the float model's output (:mod:`lowbit.methods.gptaq`).
     """
     out, cols = weight.shape
     consume_hessian = consume_hessian and not cfg.refit  # the refit needs H after the columns
@@ -155,12 +163,15 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
     own = consume_weight and weight.dtype == torch.float32 and not cfg.refit  # the refit re-reads the weight
     W = weight.detach() if own else weight.detach().to(torch.float32, copy=True)
     W[:, dead] = 0
+    if cross is not None and cfg.asym_alpha > 0:
+        asymmetric_target_(W, Hd, cross.to(device=W.device, dtype=torch.float32), cfg.asym_alpha, cfg.damp)
+        W[:, dead] = 0
 
     static: tuple[torch.Tensor, torch.Tensor] | None = None
     if scheme.group_size is None or cfg.static_groups:  # fitted once, on the original weights
         a = None
         if cfg.search:  # clipping search weighted by H_jj = 2 E[x_j^2], as importance-weighted RTN does
-            a = torch.where(dead, torch.zeros_like(diag), diag) / mean_diag + 1e-6
+            a = (torch.where(dead, torch.zeros_like(diag), diag) / mean_diag).pow(cfg.search_power) + 1e-6
             a = a.reshape(1, groups, gs)
         s, z = fit_params(W.reshape(out, groups, gs), scheme, a, search=cfg.search, scale_dtype=scale_dtype)
         static = (s[..., 0], z[..., 0])  # (out, G); no W-sized codes are made

@@ -66,12 +66,23 @@ class BlockContext:
     kwargs: dict[str, Any]
     outputs: list[torch.Tensor] = field(default_factory=list)
     outputs_ready: bool = False  # set by a method whose own run already produced the outputs to pass on
+    # the float model's inputs of this block, for methods with ``float_inputs`` (asymmetric
+    # calibration); such a method sets ``fp_outputs``, the float model's inputs of the next block
+    fp_inputs: list[torch.Tensor] | None = None
+    fp_outputs: list[torch.Tensor] | None = None
 
     @torch.inference_mode()
     def run(self, keep_outputs: bool = False) -> None:
         """Run the block over every calibration input (hooks registered on it see each call)."""
+        outs = self.forward_all(self.inputs, keep_outputs)
+        if keep_outputs:
+            self.outputs = outs
+
+    @torch.inference_mode()
+    def forward_all(self, inputs: list[torch.Tensor], keep_outputs: bool = True) -> list[torch.Tensor]:
+        """The block's outputs for ``inputs`` (each back where its input lives), or none."""
         outs = []
-        for x, xd in zip(self.inputs, uploads(self.inputs, self.device), strict=True):
+        for x, xd in zip(inputs, uploads(inputs, self.device), strict=True):
             try:
                 y = self.block(xd, **self.kwargs)
             except _StopBlock:
@@ -81,8 +92,7 @@ class BlockContext:
             y = y[0] if isinstance(y, tuple) else y
             if keep_outputs:
                 outs.append(_to_home(y, x.device))
-        if keep_outputs:
-            self.outputs = outs
+        return outs
 
 
 class BlockMethod(Protocol):
@@ -261,6 +271,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
         hidden, kwargs = capture_inputs(model, tokens, spec, dev, offload=offload_activations and dev.type != "cpu")
     else:
         hidden, kwargs = [], [{} for _ in blocks]
+    fp_hidden = hidden if calibrated and getattr(method, "float_inputs", False) else None
     result: dict[str, QuantizedWeight] = {}
     copier = HostCopier(dev)
     try:
@@ -271,8 +282,13 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
                 homes = onload(block, dev, staged.result() if staged is not None else None)
                 nxt = i + 1 < len(blocks) and copier.cuda
                 staged = copier.submit(partial(stage, blocks[i + 1])) if nxt else None  # pinned, meanwhile
-                ctx = BlockContext(i, block, block_linears(block, spec, i), spec, dev, hidden, kwargs[i])
+                ctx = BlockContext(i, block, block_linears(block, spec, i), spec, dev, hidden, kwargs[i],
+                                   fp_inputs=fp_hidden)
                 qws = method.quantize_block(ctx)
+                if fp_hidden is not None:
+                    if ctx.fp_outputs is None:
+                        raise LowbitError(f"block {i}: a method with float_inputs must set ctx.fp_outputs")
+                    fp_hidden = ctx.fp_outputs
                 missing = set(ctx.linears) - set(qws)
                 if missing and not getattr(method, "collect_only", False):
                     raise LowbitError(f"block {i}: method returned no weight for {sorted(missing)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.methods.gptq import GPTQConfig, GPTQStats, HessianConsumed, gptq_quantize
 from lowbit.pipeline.blockwise import BlockContext, collect
 from lowbit.pipeline.distributed import broadcast_object, broadcast_qweight, sum_weighted, world
+from lowbit.pipeline.paired import collect_paired, float_weights
 from lowbit.pipeline.transfer import to_host_async
 
 log = logging.getLogger(__name__)
@@ -36,19 +38,27 @@ class HessianObserver:
     speed); elsewhere they are upcast to float32 first.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str, timers: dict[str, float] | None = None
-                 ) -> None:
+    def __init__(self, in_features: int, device: torch.device | str, timers: dict[str, float] | None = None,
+                 cross: bool = False) -> None:
         self._S = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        # with ``cross``: also D = 2/n sum_t (x_float_t - x_t) x_t^T, paired with the float model's inputs
+        self._C = torch.zeros_like(self._S) if cross else None
         self.n = 0
         self.timers = timers
         self._final = False
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
         if self._final:
             raise RuntimeError("HessianObserver.update after H was read")
         t0 = _tick(self.timers, self._S.device)
         x = x.detach().reshape(-1, x.shape[-1])
         self.n += x.shape[0]
+        if self._C is not None:
+            if x_float is None:
+                raise ValueError("this observer accumulates D: pass the float model's inputs too")
+            xq = x.to(device=self._C.device, dtype=torch.float32)
+            xf = x_float.detach().reshape(-1, x.shape[-1]).to(device=self._C.device, dtype=torch.float32)
+            self._C.addmm_((xf - xq).T, xq)
         if x.device.type == "cuda" and self._S.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
             xx = x.to(self._S.device)
             torch.addmm(self._S, xx.T, xx, out_dtype=torch.float32, out=self._S)
@@ -62,8 +72,16 @@ class HessianObserver:
         """The Hessian (scaled in place on first read; no update after)."""
         if not self._final:
             self._S.mul_(2.0 / max(self.n, 1))
+            if self._C is not None:
+                self._C.mul_(2.0 / max(self.n, 1))
             self._final = True
         return self._S
+
+    @property
+    def D(self) -> torch.Tensor | None:
+        """``D = 2/n (X_float - X)^T X`` (scaled on first read, like ``H``), or None."""
+        _ = self.H
+        return self._C
 
 
 def _own(t: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -104,6 +122,11 @@ class GPTQMethod:
     timers: dict[str, float] | None = None  # phase -> seconds (synchronising) when a dict is given
     writes_back = True  # quantize_block leaves the dequantized weights in the block (the engine need not)
 
+    @property
+    def float_inputs(self) -> bool:
+        """Asymmetric calibration: the engine also carries the float model's block inputs."""
+        return self.config.asym_alpha > 0
+
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
         groups = [g.linears for g in ctx.spec.groups]
@@ -111,16 +134,27 @@ class GPTQMethod:
         out: dict[str, QuantizedWeight] = {}
         rank, size = world()
         solved = 0
+        fw = None
+        if self.float_inputs:  # the float block's weights and outputs, before anything is quantized
+            assert ctx.fp_inputs is not None
+            fw = float_weights(ctx)
+            ctx.fp_outputs = ctx.forward_all(ctx.fp_inputs)
         for stage in stages:
             firsts = [g[0] for g in groups if g[0] in stage]
             t0 = _tick(self.timers, ctx.device)
-            obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers), names=firsts)
+            obs: dict[str, Any]
+            if fw is None:
+                obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers), names=firsts)
+            else:
+                obs = collect_paired(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers,
+                                                                         cross=True), firsts, fw)
             _tock(self.timers, "forward+hessian", t0, ctx.device)
             for g in groups:
                 if g[0] not in stage:
                     continue
                 o = obs.pop(g[0])  # the Hessian is freed once solved, before the write-back
                 H, _ = sum_weighted(o.H, o.n)  # type: ignore[attr-defined]
+                D = None if fw is None else sum_weighted(o.D, o.n)[0]  # type: ignore[attr-defined]
                 del o
                 lins = [ctx.linears[n] for n in g]
                 owner = solved % size
@@ -130,8 +164,8 @@ class GPTQMethod:
                 shape = (sum(lin.out_features for lin in lins), lins[0].in_features)
                 qw, st = None, None
                 if owner == rank:
-                    qw, st = self._solve(ctx, g, lins, H, consume=size == 1)
-                del H
+                    qw, st = self._solve(ctx, g, lins, H, consume=size == 1 and D is None, cross=D)
+                del H, D
                 dynamic = self.config.act_order and not self.config.static_groups
                 qw = broadcast_qweight(qw, owner, shape, self.scheme,  # type: ignore[arg-type]
                                        self.scale_dtype, hdev, dynamic)
@@ -158,8 +192,8 @@ class GPTQMethod:
             del obs
         return out
 
-    def _solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor, consume: bool
-               ) -> tuple[QuantizedWeight, GPTQStats]:
+    def _solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor, consume: bool,
+               cross: torch.Tensor | None = None) -> tuple[QuantizedWeight, GPTQStats]:
         """GPTQ of the stacked rows of the linears ``lins`` of group ``g``; ``H`` is factorised in
         place when ``consume``.
 
@@ -169,7 +203,8 @@ class GPTQMethod:
         name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
         try:
             return gptq_quantize(_stacked(lins), H, self.scheme, self.config, scale_dtype=self.scale_dtype,
-                                 name=name, timers=self.timers, consume_hessian=consume, consume_weight=True)
+                                 name=name, timers=self.timers, consume_hessian=consume, consume_weight=True,
+                                 cross=cross)
         except HessianConsumed:
             log.info("%s: collecting its Hessian again to retry with more damping", name)
         del H

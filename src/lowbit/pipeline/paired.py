@@ -1,0 +1,76 @@
+"""Statistics that pair each token's input in the float model with its input in the quantized one.
+
+Asymmetric calibration (:mod:`lowbit.methods.gptaq`) needs, for the linears of one group,
+``D = (X - X~)^T X~``: ``X`` the inputs the *float* model gives them, ``X~`` the inputs they see in
+the partly-quantized model. Per calibration sample the block runs twice: once with its original
+(float) weights on the float model's block input, where hooks keep the named linears' inputs,
+then with its current weights on the quantized model's block input, where each observer gets
+``update(x~, x)``. Both runs stop after the last input needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from lowbit.pipeline.blockwise import BlockContext, _StopBlock
+from lowbit.pipeline.transfer import uploads
+
+
+class PairedObserver(Protocol):
+    def update(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
+        """Take a batch of inputs ``x (..., in)`` of one linear and the float model's ``x_float``."""
+
+
+def float_weights(ctx: BlockContext) -> dict[str, torch.Tensor]:
+    """Copies of the block's linear weights before any is quantized."""
+    return {n: lin.weight.detach().clone() for n, lin in ctx.linears.items()}
+
+
+def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObserver], names: list[str],
+                   weights: dict[str, torch.Tensor]) -> dict[str, PairedObserver]:
+    """One paired run of the block per sample (float weights on ``ctx.fp_inputs``, then the current
+    weights on ``ctx.inputs``) with an observer on the inputs of each named linear."""
+    if ctx.fp_inputs is None:
+        raise ValueError("paired statistics need the float model's block inputs (ctx.fp_inputs)")
+    order = [n for n in ctx.linears if n in set(names)]  # execution order
+    obs = {n: make(n, ctx.linears[n]) for n in order}
+    last = order[-1]
+    stash: dict[str, torch.Tensor] = {}
+    float_pass = [True]
+
+    def hook(name: str, o: PairedObserver) -> Callable[..., None]:
+        def fn(m: nn.Module, args: tuple) -> None:
+            if float_pass[0]:
+                stash[name] = args[0].detach()
+            else:
+                o.update(args[0], stash.pop(name))
+            if name == last:
+                raise _StopBlock
+        return fn
+
+    current = {n: lin.weight.data for n, lin in ctx.linears.items()}
+
+    def use(ws: dict[str, torch.Tensor]) -> None:
+        for n, lin in ctx.linears.items():
+            lin.weight.data = ws[n]
+
+    handles = [ctx.linears[n].register_forward_pre_hook(hook(n, o)) for n, o in obs.items()]
+    try:
+        with torch.inference_mode():  # the observers were made outside it: they stay updatable
+            for xq, xf in zip(uploads(ctx.inputs, ctx.device), uploads(ctx.fp_inputs, ctx.device), strict=True):
+                for is_float, x in ((True, xf), (False, xq)):
+                    float_pass[0] = is_float
+                    use(weights if is_float else current)
+                    try:
+                        ctx.block(x, **ctx.kwargs)
+                    except _StopBlock:
+                        pass
+    finally:
+        use(current)
+        for h in handles:
+            h.remove()
+    return obs

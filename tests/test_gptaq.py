@@ -1,0 +1,70 @@
+"""Asymmetric calibration (GPTAQ): the corrected target, its statistics, and the pipeline."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_model_dir
+from lowbit.core.errors import SchemeError
+from lowbit.core.scheme import QuantScheme
+from lowbit.methods.gptaq import asymmetric_target_
+from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.pipeline.gptq import GPTQMethod, HessianObserver
+from lowbit.pipeline.quantize import quantize_model
+
+
+def _pair(n=2048, inp=64, out=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, inp, generator=g) * torch.rand(inp, generator=g).mul(3).add(0.2)
+    Xq = X + 0.3 * torch.randn(n, inp, generator=g)  # the quantized model's inputs drift from the float ones
+    W = torch.randn(out, inp, generator=g) / inp**0.5
+    H = 2 / n * Xq.T @ Xq
+    D = 2 / n * (X - Xq).T @ Xq
+    return X, Xq, W, H, D
+
+
+def test_full_strength_target_is_the_least_squares_fit_of_the_float_output():
+    X, Xq, W, H, D = _pair()
+    Wt = asymmetric_target_(W.clone(), H, D, alpha=1.0, damp=1e-9)
+    lstsq = torch.linalg.lstsq(Xq.double(), (X @ W.T).double()).solution.T.float()
+    torch.testing.assert_close(Wt, lstsq, atol=1e-4, rtol=1e-3)
+    half = asymmetric_target_(W.clone(), H, D, alpha=0.5, damp=1e-9)
+    torch.testing.assert_close(half, (W + Wt) / 2, atol=1e-5, rtol=1e-4)
+
+
+def test_observer_accumulates_the_cross_term():
+    X, Xq, _, H, D = _pair(n=300)
+    o = HessianObserver(X.shape[1], "cpu", cross=True)
+    for s in range(0, 300, 100):
+        o.update(Xq[s:s + 100].reshape(4, 25, -1), X[s:s + 100].reshape(4, 25, -1))
+    torch.testing.assert_close(o.H, H, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o.D, D, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float model"):
+        HessianObserver(4, "cpu", cross=True).update(torch.ones(2, 4))
+
+
+def test_gptq_towards_the_float_output_lowers_that_error():
+    X, Xq, W, H, D = _pair(seed=1)
+    sch = QuantScheme(3, 16)
+    err = {}
+    for alpha in (0.0, 0.5, 1.0):  # the drift here is partly noise: only its X-correlated part is recoverable
+        q, _ = gptq_quantize(W, H, sch, GPTQConfig(asym_alpha=alpha), cross=D)
+        err[alpha] = float((Xq @ q.dequantize().T - X @ W.T).square().mean())
+    assert err[1.0] < err[0.5] < err[0.0] and err[1.0] < 0.95 * err[0.0], err
+    with pytest.raises(SchemeError, match="asymmetric"):
+        GPTQConfig(asym_alpha=1.5)
+
+
+def test_pipeline_asymmetric_calibration_tracks_the_float_model(tmp_path):
+    d = make_tiny_model_dir(tmp_path / "m", "qwen2")
+    ids = torch.randint(3, 300, (16, 64), generator=torch.Generator().manual_seed(0))
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    errs = {}
+    for alpha in (0.0, 0.5):
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        method = GPTQMethod(QuantScheme(3, 32), GPTQConfig(asym_alpha=alpha), scale_dtype=torch.float32)
+        assert method.float_inputs == (alpha > 0)
+        quantize_model(m, QuantScheme(3, 32), method, tokens=ids, progress=False, scale_dtype=torch.float32)
+        with torch.inference_mode():
+            errs[alpha] = float((m(ids).logits - ref(ids).logits).pow(2).mean())
+    assert errs[0.5] < 0.8 * errs[0.0], errs
