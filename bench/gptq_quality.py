@@ -1,12 +1,15 @@
-"""GPTQ quality on real models: lowbit GPTQ vs lowbit RTN vs llm-compressor's GPTQ, side by side.
+"""GPTQ quality on real models: lowbit GPTQ vs lowbit RTN vs llm-compressor's and GPTQModel's GPTQ.
 
     python bench/gptq_quality.py --models gemma3-270m qwen2.5-coder-0.5b --schemes W4A16 W3A16 \
-        --calib-samples 128 --calib-len 512 --windows 40 --llmc-python /path/to/llmc-venv/bin/python
+        --calib-samples 128 --calib-len 512 --windows 40 --llmc-python /path/to/llmc-venv/bin/python \
+        --gptqmodel --lowbit rtn gptq gptq-a0.25
 
 Every method sees the same C4 calibration tokens (seeded) and is scored on the same WikiText-2
 windows (GPTQ protocol, 2048 tokens) against the bf16 reference; lowbit's rows are evaluated from
-their artifacts on disk, llm-compressor's from the fake-quantized weights it computed. Prints one
-table (perplexity increase over the reference, and its ratio to llm-compressor's) and writes JSON.
+their artifacts on disk, the peers' from the fake-quantized weights they computed (llm-compressor
+in its own venv; GPTQModel, installed ``--no-deps`` in this python, from its dequantized
+checkpoint). Both peers: symmetric, act-order with static groups, damp 0.01. Prints one table
+(perplexity increase over the reference, and its ratio to each peer's) and writes JSON.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import copy
 import json
 import logging
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +57,8 @@ def main() -> None:
                         "search), pX (importance (H_jj / mean)^X in that search, default 1), refit (scale refit), "
                         "aX (asymmetric calibration, GPTAQ, strength X); e.g. gptq-search-p0.5, gptq-a0.25")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
+    p.add_argument("--gptqmodel", action="store_true",
+                   help="also GPTQModel's GPTQ (installed in this python; bench/peers/gptqmodel_gptq.py)")
     p.add_argument("--reuse-peer", action="store_true",
                    help="reuse llm-compressor's artifact from an earlier run with the same --out (same tokens)")
     p.add_argument("--out", default="bench/results/gptq")
@@ -96,6 +102,14 @@ def main() -> None:
                 log.info("llm-compressor took %.0f s (wall %.0f s)", secs["llmcompressor-gptq"],
                          time.perf_counter() - t0)
                 models["llmcompressor-gptq"] = load_model(str(peer_dir)).model
+            if a.gptqmodel:
+                peer_dir = out / name / f"{sname}-gptqmodel"
+                if not (a.reuse_peer and (peer_dir / "peer.json").exists()):
+                    subprocess.run([sys.executable, str(Path(__file__).parent / "peers" / "gptqmodel_gptq.py"),
+                                    str(ref.path), str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)],
+                                   check=True)
+                secs["gptqmodel-gptq"] = json.loads((peer_dir / "peer.json").read_text())["seconds"]
+                models["gptqmodel-gptq"] = load_model(str(peer_dir)).model
             corpus, res_ev = evaluate_models(models, ref.tokenizer, reference="reference", data="wikitext2",
                                              ctx=a.ctx, max_windows=a.windows, progress=False)
             base = res_ev["reference"].ppl
@@ -107,13 +121,17 @@ def main() -> None:
             write_json_atomic(out / "gptq_quality.json", {"args": vars(a), "rows": rows})
     table = Table(title=f"WikiText-2 (gptq protocol, {a.windows} x {a.ctx}), C4 calibration "
                         f"{a.calib_samples} x {a.calib_len}")
-    for c in ("model", "scheme", "method", "ppl", "Δppl", "Δ / llmc Δ", "KLD", "top-1", "quant s"):
+    for c in ("model", "scheme", "method", "ppl", "Δppl", "Δ / llmc Δ", "Δ / GPTQModel Δ", "KLD", "top-1", "quant s"):
         table.add_column(c)
-    for r in rows:
+
+    def ratio(r: dict, peer_method: str) -> str:
         peer = next((x for x in rows if x["model"] == r["model"] and x["scheme"] == r["scheme"]
-                     and x["method"] == "llmcompressor-gptq"), None)
-        ratio = "-" if peer is None or r["method"] == "reference" else f"{r['ppl_increase'] / peer['ppl_increase']:.2f}"
-        table.add_row(r["model"], r["scheme"], r["method"], f"{r['ppl']:.4f}", f"{r['ppl_increase']:+.4f}", ratio,
+                     and x["method"] == peer_method), None)
+        return "-" if peer is None or r["method"] == "reference" else f"{r['ppl_increase'] / peer['ppl_increase']:.2f}"
+
+    for r in rows:
+        table.add_row(r["model"], r["scheme"], r["method"], f"{r['ppl']:.4f}", f"{r['ppl_increase']:+.4f}",
+                      ratio(r, "llmcompressor-gptq"), ratio(r, "gptqmodel-gptq"),
                       "-" if r["kld"] is None else f"{r['kld']:.4f}", "-" if r["top1"] is None else f"{r['top1']:.4f}",
                       "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}")
     Console(width=200).print(table)
