@@ -39,6 +39,7 @@ log = logging.getLogger("awq_quality")
 #: bench-only method names that pin the clipping search: name -> (method, clip)
 CLIP_VARIANTS = {"awq-clip": ("awq", True), "awq-noclip": ("awq", False),
                  "awq+gptq-clip": ("awq+gptq", True), "awq+gptq-noclip": ("awq+gptq", False)}
+#: a trailing "-linear" scores the scale search by the linears' own outputs (not their parent module's)
 
 
 def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argparse.Namespace
@@ -48,11 +49,12 @@ def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argpars
     runs += [("smoothquant", al) for al in (a.alphas if "smoothquant" in methods else [])]
     for variant, alpha in runs:
         tag = variant if alpha is None or len(a.alphas) == 1 else f"{variant}-a{alpha:g}"
-        method, clip = CLIP_VARIANTS.get(variant, (variant, a.awq_clip))
+        base, objective = (variant[:-7], "linear") if variant.endswith("-linear") else (variant, "parent")
+        method, clip = CLIP_VARIANTS.get(base, (base, a.awq_clip))
         work = copy.deepcopy(ref)
         res = quantize_loaded(work, scheme, out / f"{scheme.name}-{tag}", method=method, calib="c4",
                               calib_samples=a.calib_samples, calib_len=a.calib_len, force=True, progress=False,
-                              awq_clip=clip, **({"alpha": alpha} if alpha is not None else {}))
+                              awq_clip=clip, awq_objective=objective, **({"alpha": alpha} if alpha is not None else {}))
         del work
         models[f"lowbit-{tag}"] = load_artifact(res.path)
         secs[f"lowbit-{tag}"] = res.seconds
@@ -70,7 +72,8 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--methods", nargs="+", default=["rtn", "awq", "awq+gptq"],
-                   help=f"lowbit methods; also {', '.join(CLIP_VARIANTS)} to pin the clipping search")
+                   help=f"lowbit methods; also {', '.join(CLIP_VARIANTS)} to pin the clipping search; a "
+                        "'-linear' suffix scores the scale search by the linears' own outputs")
     p.add_argument("--smoothquant", action="store_true", help="also W8A8 RTN vs SmoothQuant W8A8 (dynamic int8)")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.5], help="SmoothQuant migration strengths")
     p.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=True,

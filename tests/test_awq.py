@@ -10,9 +10,9 @@ from conftest import make_tiny_model_dir
 from lowbit.cli import main
 from lowbit.core.errors import UnsupportedArchitectureError
 from lowbit.core.scheme import QuantScheme
-from lowbit.methods.awq import apply_clip, awq_scales, fake_quant, search_clip, search_scales
+from lowbit.methods.awq import apply_clip, awq_scales, fake_quant, linear_loss, search_clip, search_scales
 from lowbit.models.archs import get_arch, get_blocks
-from lowbit.pipeline.awq import AWQMethod, AWQResult
+from lowbit.pipeline.awq import AWQMethod, AWQResult, parent_name
 from lowbit.pipeline.quantize import quantize_model
 from lowbit.pipeline.scaling import can_fold, fold_scales
 
@@ -49,7 +49,7 @@ def test_scales_are_centred_and_identity_is_a_candidate():
     assert torch.equal(awq_scales(x_mean, None, 0.0), torch.ones(4))
     w = torch.randn(16, 64)
     x = torch.randn(128, 64)
-    s, alpha, ratio = search_scales(x, x.abs().mean(0), [w], fake_quant(SCHEME), 32, grid=10)
+    s, alpha, ratio = search_scales(x.abs().mean(0), [w], fake_quant(SCHEME), 32, linear_loss(x, [w]), grid=10)
     assert ratio <= 1.0 and (alpha == -1.0) == torch.equal(s, torch.ones(64))
 
 
@@ -82,16 +82,61 @@ def _logit_error(model, qmodel, ids):
         return ((qmodel(ids).logits - model(ids).logits) ** 2).mean().item()
 
 
-def test_awq_beats_rtn_with_planted_outliers(tmp_path):
+@pytest.mark.parametrize("objective", ["parent", "linear"])
+def test_awq_beats_rtn_with_planted_outliers(tmp_path, objective):
     ref = _outlier_model(tmp_path)
     ids = _ids(8, 32, seed=1)
     errs = {}
     for name in ("rtn", "awq"):
         m = _outlier_model(tmp_path)
-        method = AWQMethod(SCHEME) if name == "awq" else "rtn"
+        method = AWQMethod(SCHEME, objective=objective) if name == "awq" else "rtn"
         quantize_model(m, SCHEME, method, tokens=_ids(16, 32), progress=False)
         errs[name] = _logit_error(ref, m, ids)
     assert errs["awq"] < 0.8 * errs["rtn"], errs
+
+
+def test_parent_of_a_group_is_the_smallest_module_holding_it():
+    assert parent_name(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")) == "self_attn"
+    assert parent_name(("mlp.gate_proj", "mlp.up_proj")) == "mlp"
+    assert parent_name(("mlp.down_proj",)) == "mlp.down_proj"
+    assert parent_name(("self_attn.o_proj", "mlp.up_proj")) == ""  # the block itself
+    with pytest.raises(Exception, match="objective"):
+        AWQMethod(SCHEME, objective="block")
+
+
+def test_parent_loss_scores_the_module_output(tmp_path):
+    """The parent loss is zero for the float weights and equals ||P(x) - P'(x)||^2 otherwise."""
+    from lowbit.pipeline.awq import ParentCalls
+    from lowbit.models.archs import block_linears
+    from lowbit.pipeline.blockwise import BlockContext
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path / "q", "qwen2"), dtype=torch.float32)
+    spec = get_arch(model)
+    block = get_blocks(model, spec)[0]
+    inputs, kwargs = [], {}
+
+    def grab(m, args, kw):
+        inputs.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+    h = block.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(_ids(4, 16))
+    h.remove()
+    ctx = BlockContext(0, block, block_linears(block, spec), spec, torch.device("cpu"), inputs, kwargs)
+    with ParentCalls(ctx, {"mlp"}, max_tokens=32) as calls:
+        ctx.run()
+    assert len(calls.calls["mlp"]) == 1  # token-wise: every other row of the 64, as one call
+    lins = [ctx.linears["mlp.gate_proj"], ctx.linears["mlp.up_proj"]]
+    loss = calls.loss("mlp", lins)
+    assert loss([lin.weight.clone() for lin in lins]) == 0.0
+    bumped = [lins[0].weight * 1.1, lins[1].weight.clone()]
+    x = calls.calls["mlp"][0][0][0]
+    with torch.no_grad():
+        ref = block.mlp(x)
+        mlp = block.mlp
+        manual = mlp.down_proj(mlp.act_fn(x @ bumped[0].t()) * mlp.up_proj(x))
+    assert loss(bumped) == pytest.approx(float((manual - ref).square().sum()), rel=1e-4)
+    assert torch.equal(lins[0].weight, block.mlp.gate_proj.weight) and loss(bumped) > 0  # weights restored
 
 
 def test_search_then_apply_gives_the_same_weights(tmp_path):
@@ -132,7 +177,8 @@ def test_cli_awq_and_awq_gptq_and_errors(tmp_path, capsys):
 
     # asymmetric pack-quantized loads in transformers 5.24 + compressed-tensors 0.20 only decompressed
     AutoModelForCausalLM.from_pretrained(tmp_path / "ag", quantization_config=CompressedTensorsConfig(dequantize=True))
-    assert main([*common, "--method", "awq", "--format", "awq", "-o", str(tmp_path / "gemm")]) == 0
+    assert main([*common, "--method", "awq", "--awq-objective", "linear", "--format", "awq",
+                 "-o", str(tmp_path / "gemm")]) == 0
     assert json.loads((tmp_path / "gemm" / "config.json").read_text())["quantization_config"]["version"] == "gemm"
     assert main(["--no-progress", "eval", str(tmp_path / "gemm"), "--reference", str(src), "--data", str(corpus),
                  "--ctx", "32", "--max-windows", "2"]) == 0

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--awq-load", default=None, help="apply a saved AWQ search result instead of searching")
     w.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=True,
                    help="AWQ's clipping search after the scales (default on; off helped Qwen2.5-Coder W4)")
+    w.add_argument("--awq-objective", default="parent", choices=["parent", "linear"],
+                   help="what the scale search minimises: parent = output error of the module holding the "
+                        "group (attention for q/k/v, MLP for gate/up; default), linear = the linears' own "
+                        "output error (faster)")
     q.add_argument("--format", default="auto", choices=["auto", "awq"],
                    help="auto: compressed-tensors (bitsandbytes for NF4/FP4/INT8-LLM); awq: AutoAWQ GEMM layout "
                         "(4-bit grouped, e.g. W4A16_ASYM)")
@@ -176,7 +180,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
                    device=device, force=a.force, seed=a.seed, progress=not a.no_progress, gptq=gptq,
                    true_sequential=not a.no_true_sequential, hessians_on_cpu=a.hessians_on_cpu,
                    offload_activations=a.offload_activations, awq_save=a.awq_save, awq_load=a.awq_load,
-                   awq_clip=a.awq_clip,
+                   awq_clip=a.awq_clip, awq_objective=a.awq_objective,
                    export_format=a.format, alpha=0.5 if a.alpha is None else a.alpha)
     console.print(f"wrote {res.path}: {res.n_linears} linears {scheme.label} by {res.method} in {res.seconds:.1f} s, "
                   f"{res.bits_per_weight:.3f} bits/weight, {res.size_bytes / 1e6:.1f} MB; "

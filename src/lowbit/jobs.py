@@ -77,7 +77,8 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
                     gptq: GPTQConfig | None = None, true_sequential: bool = True,
                     hessians_on_cpu: bool = False, offload_activations: bool = False,
                     awq_save: str | Path | None = None, awq_load: str | Path | None = None,
-                    export_format: str = "auto", alpha: float = 0.5, awq_clip: bool = True) -> QuantizeResult:
+                    export_format: str = "auto", alpha: float = 0.5, awq_clip: bool = True,
+                    awq_objective: str = "parent") -> QuantizeResult:
     """Quantize an already loaded model (modified in place) and write the artifact to ``out``.
 
     ``awq_save`` writes the AWQ search result (scales, clips) to a file; ``awq_load`` applies a saved
@@ -114,7 +115,8 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
         raise LowbitError("--awq-save / --awq-load go with --method awq or awq+gptq")
     block_method = make_method(method, scheme, search=search, scale_dtype=store, gptq=gptq,
                                true_sequential=true_sequential, hessians_on_cpu=hessians_on_cpu,
-                               awq_preset=preset, awq_clip=awq_clip)
+                               awq_preset=preset, awq_clip=awq_clip,
+                               awq_objective=awq_objective)
     spec = get_arch(lm.model)
     check_group_size(scheme, named_linears(lm.model, spec))  # before any calibration work
     tokens = None

@@ -6,11 +6,17 @@ quantization and the inverse scale is folded into what feeds them. For a group o
 
     s(alpha) = xbar^alpha / wbar^(1 - alpha)     (duo scaling; xbar only when duo is off)
     s       <- s / sqrt(max(s) * min(s))          (centred around 1)
-    L(alpha) = sum_i || X W_i^T - (X / s) Q(W_i * s)^T ||^2
+    L(alpha) = || P(X; {W_i}) - P(X; {Q(W_i * s) / s}) ||^2
 
 with ``xbar_j = mean_t |X_tj|``, ``wbar_j = mean_r |W_rj| / max_{k in group(j)} |W_rk|`` (weights
-normalised per quantization group), ``Q`` the weight quantizer. ``alpha`` runs over a grid in
-[0, 1); the identity (``s = 1``, plain RTN) is always a candidate, so the search never loses to it.
+normalised per quantization group), ``Q`` the weight quantizer, and ``P`` the output the loss
+looks at: by default the smallest module holding the whole group (the attention for q/k/v, the
+MLP for gate/up, the linear itself for o and down), as llm-compressor and AutoAWQ do, so errors
+count as much as they move what the block passes on; :func:`linear_loss` is the cheaper sum of
+the linears' own output errors, ``sum_i ||X W_i^T - X (Q(W_i s)/s)^T||^2``. Since
+``(X / s) Q(W s)^T = X (Q(W s) / s)^T``, a candidate is scored by swapping in the effective
+weights ``Q(W_i s) / s``, nothing folded. ``alpha`` runs over ``grid`` points of [0, 1]; the
+identity (``s = 1``, plain RTN) is always a candidate, so the search never loses to it.
 
 Clipping (AutoAWQ's ``auto_clip``): per output row ``r`` and group ``g`` the range is shrunk to
 ``m = (1 - k / grid) * max|W_rg|``, ``k < max_shrink * grid``, keeping the ``m`` that minimises
@@ -60,34 +66,36 @@ def awq_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) 
     return s / (s.max() * s.min()).sqrt()
 
 
-@torch.no_grad()
-def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor], quant: FakeQuant,
-                  group_size: int | None, grid: int = 20, duo: bool = True) -> tuple[torch.Tensor, float, float]:
-    """Best ``s (in,)`` over the alpha grid for input sample ``x (N, in)`` and the group's ``weights``.
+Loss = Callable[[list[torch.Tensor]], float]
 
-    Returns ``(s, alpha, loss / identity loss)``; alpha is -1 when the identity won.
-    """
+
+def linear_loss(x: torch.Tensor, weights: list[torch.Tensor]) -> Loss:
+    """``L(W') = sum_i ||x W_i^T - x W'_i^T||^2`` on input rows ``x (N, in)``."""
     xf = x.to(torch.float32)
     ref = [xf @ w.to(torch.float32).t() for w in weights]
+
+    def loss(eff: list[torch.Tensor]) -> float:
+        return sum(float((y - xf @ w.t()).square().sum()) for y, w in zip(ref, eff, strict=True))
+    return loss
+
+
+@torch.no_grad()
+def search_scales(x_mean: torch.Tensor, weights: list[torch.Tensor], quant: FakeQuant, group_size: int | None,
+                  loss: Loss, grid: int = 20, duo: bool = True) -> tuple[torch.Tensor, float, float]:
+    """Best ``s (in,)`` over the alpha grid for the group's ``weights``, scored by ``loss``.
+
+    ``loss`` takes the effective fp32 weights ``Q(W_i s) / s`` (one per linear, in order) and
+    returns the error they cause. Returns ``(s, alpha, loss / identity loss)``; alpha is -1 when
+    the identity won.
+    """
+    wf = [w.to(torch.float32) for w in weights]
     w_mean = weight_mean(weights, group_size) if duo else None
-
-    def loss(s: torch.Tensor | None) -> float:
-        total = 0.0
-        for w, y in zip(weights, ref, strict=True):
-            wf = w.to(torch.float32)
-            if s is None:
-                yq = xf @ quant(wf).t()
-            else:
-                yq = (xf / s) @ quant(wf * s).t()
-            total += float((y - yq).square().sum())
-        return total
-
-    base = loss(None)
+    base = loss([quant(w) for w in wf])
     best, best_alpha, best_s = base, -1.0, torch.ones_like(x_mean, dtype=torch.float32)
     for k in range(grid):
-        alpha = k / grid
-        s = awq_scales(x_mean, w_mean, alpha).to(xf.device)
-        cur = loss(s)
+        alpha = k / max(grid - 1, 1)
+        s = awq_scales(x_mean, w_mean, alpha).to(wf[0].device)
+        cur = loss([quant(w * s) / s for w in wf])
         if cur < best:
             best, best_alpha, best_s = cur, alpha, s
     return best_s, best_alpha, best / max(base, 1e-30)

@@ -5,7 +5,9 @@ One entry per architecture name (``config.architectures[0]``), never one subclas
 The groups are in execution order (what GPTQ's true-sequential mode follows); ``prev`` is the
 module whose output is the input of every linear of the group (a norm or a linear) -- what AWQ
 and SmoothQuant fold scales into. ``norm_offset`` is 1 where the norm computes ``x * (1 + w)``
-(Gemma), so a scale ``s`` folds as ``w' = (1 + w) / s - 1``.
+(Gemma), so a scale ``s`` folds as ``w' = (1 + w) / s - 1``. ``tokenwise`` names the modules of a
+block that act on each token alone (the MLP): AWQ scores them on rows drawn from every
+calibration sequence instead of on whole sequences.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class ArchSpec:
     groups: tuple[LinearGroup, ...]
     norm_offset: float = 0.0
     ignore: tuple[str, ...] = ("lm_head",)
+    tokenwise: tuple[str, ...] = ("mlp",)
 
     @property
     def linears(self) -> tuple[str, ...]:

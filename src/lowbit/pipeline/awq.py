@@ -2,8 +2,12 @@
 
 Per block, one run of the block over the calibration inputs (already passed through the quantized
 blocks before it) records, for every group of linears of the architecture table, ``mean_t |x_tj|``
-over all tokens and a strided sample of at most ``max_tokens`` input rows. Then, in execution
-order, each foldable group gets its scales (:func:`lowbit.methods.awq.search_scales`), folded into
+over all tokens and a strided sample of at most ``max_tokens`` input rows, and the calls of each
+group's *parent* (the smallest module holding all its linears: the attention for q/k/v, the MLP for
+gate/up) on evenly spaced calibration inputs of at most ``max_tokens`` tokens. Then, in execution
+order, each foldable group gets the scales that minimise its parent's output error
+(:func:`lowbit.methods.awq.search_scales`; ``objective="linear"`` scores the linears' own outputs
+on the row sample instead, cheaper and weaker), folded into
 the feeding norm or linear (:func:`lowbit.pipeline.scaling.fold_scales`); then each linear but
 q/k (whose outputs meet in a softmax, as AutoAWQ) gets its clipping range. Finally the block is
 quantized by the inner method: RTN, or GPTQ on the scaled and clipped weights (``awq+gptq``).
@@ -24,10 +28,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.core.errors import FormatError
+from lowbit.core.errors import FormatError, SchemeError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
-from lowbit.methods.awq import apply_clip, fake_quant, search_clip, search_scales
+from lowbit.methods.awq import Loss, apply_clip, fake_quant, linear_loss, search_clip, search_scales
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect
 from lowbit.pipeline.scaling import can_fold, fold_scales
@@ -58,6 +62,88 @@ class SampleObserver:
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.rows)
+
+
+def parent_name(linears: tuple[str, ...]) -> str:
+    """The smallest module of the block holding every one of ``linears`` ("" is the block itself)."""
+    parts = [n.split(".") for n in linears]
+    if len(parts) == 1:
+        return linears[0]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+class ParentCalls:
+    """Records what each parent module is called with during one run of the block.
+
+    A parent that mixes tokens (attention) keeps its whole calls (args, kwargs) on evenly spaced
+    calibration inputs of at most ``max_tokens`` tokens; a token-wise one (a linear, or a module
+    the architecture table lists as ``tokenwise``, the MLP) keeps every ``stride``-th input row of
+    every call, ``max_tokens`` rows drawn from all sequences. :meth:`loss` then scores effective
+    weights of a group by the parent's output error against its output with the current weights.
+    """
+
+    def __init__(self, ctx: BlockContext, parents: set[str], max_tokens: int) -> None:
+        self.ctx = ctx
+        per = max(1, int(ctx.inputs[0].numel() // ctx.inputs[0].shape[-1])) if ctx.inputs else 1
+        n = max(1, min(len(ctx.inputs), max_tokens // per))
+        self.pick = {round(i * len(ctx.inputs) / n) for i in range(n)}  # input indices whose calls are kept
+        total = sum(int(x.numel() // x.shape[-1]) for x in ctx.inputs)
+        self.stride = max(1, -(-total // max_tokens))
+        self.tokenwise = {p for p in parents if p in ctx.spec.tokenwise or p in ctx.linears}
+        self.calls: dict[str, list[tuple[tuple, dict]]] = {p: [] for p in parents}
+        self.rows: dict[str, list[torch.Tensor]] = {p: [] for p in self.tokenwise}
+        self.seen: dict[str, int] = dict.fromkeys(parents, 0)
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> ParentCalls:
+        for p in self.calls:
+            def hook(m: torch.nn.Module, args: tuple, kw: dict, p: str = p) -> None:
+                if p in self.tokenwise and len(args) == 1 and not kw:
+                    x = args[0].reshape(-1, args[0].shape[-1])
+                    self.rows[p].append(x[(-self.seen[p]) % self.stride::self.stride])
+                    self.seen[p] += x.shape[0]
+                    return
+                if self.seen[p] in self.pick:
+                    self.calls[p].append((args, dict(kw)))
+                self.seen[p] += 1
+            self.handles.append(self.ctx.block.get_submodule(p).register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        for p, rows in self.rows.items():
+            if rows:
+                self.calls[p] = [((torch.cat(rows),), {})]
+
+    @staticmethod
+    def _first(y: Any) -> torch.Tensor:
+        return y[0] if isinstance(y, tuple) else y
+
+    @torch.no_grad()
+    def loss(self, parent: str, lins: list[torch.nn.Linear]) -> Loss:
+        """``L(W') = sum ||P(x) - P_{W'}(x)||^2`` over the recorded calls of ``parent``."""
+        mod = self.ctx.block.get_submodule(parent)
+        calls = self.calls[parent]
+        ref = [self._first(mod(*a, **k)).to(torch.float32) for a, k in calls]
+
+        @torch.no_grad()
+        def loss(eff: list[torch.Tensor]) -> float:
+            orig = [lin.weight.detach().clone() for lin in lins]
+            try:
+                for lin, w in zip(lins, eff, strict=True):
+                    lin.weight.copy_(w.to(lin.weight.dtype))
+                return sum(float((self._first(mod(*a, **k)).to(torch.float32) - y).square().sum())
+                           for (a, k), y in zip(calls, ref, strict=True))
+            finally:
+                for lin, w in zip(lins, orig, strict=True):
+                    lin.weight.copy_(w)
+        return loss
 
 
 @dataclass
@@ -102,13 +188,18 @@ class AWQMethod:
     grid: int = 20
     duo_scaling: bool = True
     clip: bool = True
-    max_tokens: int = 2048  # input rows the scale search scores (a strided sample of the calibration tokens)
+    objective: str = "parent"  # "parent": error of the module holding the group; "linear": the linears' own
+    max_tokens: int = 2048  # tokens the scale search scores (whole calibration inputs; rows for "linear")
     clip_tokens: int = 512  # of which the clipping search uses this many (AutoAWQ's n_sample_token)
     scale_dtype: torch.dtype = torch.bfloat16
     inner: BlockMethod | None = None
     preset: AWQResult | None = None
     result: AWQResult = field(default_factory=AWQResult)
     needs_calibration: bool = True
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("parent", "linear"):
+            raise SchemeError(f"AWQ objective must be 'parent' or 'linear', got {self.objective!r}")
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         prefix = f"{ctx.spec.blocks}.{ctx.index}"
@@ -137,15 +228,20 @@ class AWQMethod:
         firsts = {g.linears[0]: g for g in ctx.spec.groups}
         total = sum(int(x.numel() // x.shape[-1]) for x in ctx.inputs)
         stride = max(1, -(-total // self.max_tokens))
-        obs = collect(ctx, lambda n, lin: SampleObserver(lin.in_features, stride), names=list(firsts))
+        parents = {parent_name(g.linears) for g in groups} if self.objective == "parent" else set()
+        with ParentCalls(ctx, parents, self.max_tokens) as calls:
+            obs = collect(ctx, lambda n, lin: SampleObserver(lin.in_features, stride), names=list(firsts))
         quant = fake_quant(self.scheme, self.scale_dtype)
         gs = self.scheme.group_size
         for g in ctx.spec.groups:
             o: Any = obs[g.linears[0]]
             x = o.sample().to(ctx.device)
             if g in groups:
-                ws = [ctx.linears[n].weight for n in g.linears]
-                s, alpha, ratio = search_scales(x, o.mean().to(ctx.device), ws, quant, gs, self.grid,
+                lins = [ctx.linears[n] for n in g.linears]
+                ws = [lin.weight for lin in lins]
+                loss = (calls.loss(parent_name(g.linears), lins) if self.objective == "parent"
+                        else linear_loss(x, ws))
+                s, alpha, ratio = search_scales(o.mean().to(ctx.device), ws, quant, gs, loss, self.grid,
                                                 self.duo_scaling)
                 self.result.alphas[f"{prefix}.{g.prev}"] = alpha
                 if alpha >= 0:

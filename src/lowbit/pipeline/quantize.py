@@ -87,13 +87,15 @@ METHODS = ("rtn", "imatrix-rtn", "gptq", "awq", "awq+gptq")
 def make_method(name: str, scheme: QuantScheme, *, search: bool = False,
                 scale_dtype: torch.dtype = torch.bfloat16, gptq: GPTQConfig | None = None,
                 true_sequential: bool = True, hessians_on_cpu: bool = False,
-                awq_preset: AWQResult | None = None, awq_clip: bool = True) -> BlockMethod:
+                awq_preset: AWQResult | None = None, awq_clip: bool = True,
+                awq_objective: str = "parent") -> BlockMethod:
     if name in ("awq", "awq+gptq"):
         inner = None
         if name == "awq+gptq":
             inner = GPTQMethod(scheme, gptq or GPTQConfig(search=search), true_sequential=true_sequential,
                                hessians_on_cpu=hessians_on_cpu, scale_dtype=scale_dtype)
-        return AWQMethod(scheme, scale_dtype=scale_dtype, inner=inner, preset=awq_preset, clip=awq_clip)
+        return AWQMethod(scheme, scale_dtype=scale_dtype, inner=inner, preset=awq_preset, clip=awq_clip,
+                         objective=awq_objective)
     if awq_preset is not None:
         raise SchemeError(f"an AWQ search result applies with --method awq or awq+gptq, not {name!r}")
     if name == "rtn":
