@@ -76,8 +76,8 @@ def main() -> None:
                         "'-linear' suffix scores the scale search by the linears' own outputs")
     p.add_argument("--smoothquant", action="store_true", help="also W8A8 RTN vs SmoothQuant W8A8 (dynamic int8)")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.5], help="SmoothQuant migration strengths")
-    p.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=True,
-                   help="lowbit AWQ's clipping search (on by default)")
+    p.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=False,
+                   help="lowbit AWQ's clipping search (off by default, as in the CLI)")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
     p.add_argument("--reuse-peer", action="store_true",
                    help="reuse llm-compressor's artifact from an earlier run with the same --out (same tokens)")

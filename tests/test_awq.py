@@ -142,7 +142,7 @@ def test_parent_loss_scores_the_module_output(tmp_path):
 def test_search_then_apply_gives_the_same_weights(tmp_path):
     tokens = _ids(8, 32)
     m1 = _outlier_model(tmp_path)
-    method = AWQMethod(SCHEME)
+    method = AWQMethod(SCHEME, clip=True)
     q1 = quantize_model(m1, SCHEME, method, tokens=tokens, progress=False)
     assert method.result.scales and method.result.clips
     method.result.save(tmp_path / "awq.safetensors", SCHEME)
@@ -162,7 +162,7 @@ def test_cli_awq_and_awq_gptq_and_errors(tmp_path, capsys):
     corpus.write_text("\n\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(80)))
     common = ["--no-progress", "quantize", str(src), "--scheme", "W4A16_ASYM", "--group-size", "32", "--calib",
               str(corpus), "--calib-samples", "4", "--calib-len", "32"]
-    assert main([*common, "--method", "awq", "--awq-save", str(tmp_path / "s.safetensors"),
+    assert main([*common, "--method", "awq", "--awq-clip", "--awq-save", str(tmp_path / "s.safetensors"),
                  "-o", str(tmp_path / "a")]) == 0
     assert main([*common, "--method", "awq", "--no-awq-clip", "--awq-save", str(tmp_path / "n.safetensors"),
                  "-o", str(tmp_path / "n")]) == 0

@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = q.add_argument_group("AWQ")
     w.add_argument("--awq-save", default=None, help="write the AWQ search result (scales, clips) to this file")
     w.add_argument("--awq-load", default=None, help="apply a saved AWQ search result instead of searching")
-    w.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=True,
-                   help="AWQ's clipping search after the scales (default on; off helped Qwen2.5-Coder W4)")
+    w.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=False,
+                   help="AWQ's clipping search after the scales (default off: it helped Gemma-3-270M W3 but "
+                        "raised Qwen2.5-Coder-0.5B's W3 and W4 perplexity)")
     w.add_argument("--awq-objective", default="parent", choices=["parent", "linear"],
                    help="what the scale search minimises: parent = output error of the module holding the "
                         "group (attention for q/k/v, MLP for gate/up; default), linear = the linears' own "

@@ -77,7 +77,7 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
                     gptq: GPTQConfig | None = None, true_sequential: bool = True,
                     hessians_on_cpu: bool = False, offload_activations: bool = False,
                     awq_save: str | Path | None = None, awq_load: str | Path | None = None,
-                    export_format: str = "auto", alpha: float = 0.5, awq_clip: bool = True,
+                    export_format: str = "auto", alpha: float = 0.5, awq_clip: bool = False,
                     awq_objective: str = "parent") -> QuantizeResult:
     """Quantize an already loaded model (modified in place) and write the artifact to ``out``.
 

@@ -87,7 +87,7 @@ METHODS = ("rtn", "imatrix-rtn", "gptq", "awq", "awq+gptq")
 def make_method(name: str, scheme: QuantScheme, *, search: bool = False,
                 scale_dtype: torch.dtype = torch.bfloat16, gptq: GPTQConfig | None = None,
                 true_sequential: bool = True, hessians_on_cpu: bool = False,
-                awq_preset: AWQResult | None = None, awq_clip: bool = True,
+                awq_preset: AWQResult | None = None, awq_clip: bool = False,
                 awq_objective: str = "parent") -> BlockMethod:
     if name in ("awq", "awq+gptq"):
         inner = None
