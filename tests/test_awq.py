@@ -106,8 +106,8 @@ def test_parent_of_a_group_is_the_smallest_module_holding_it():
 
 def test_parent_loss_scores_the_module_output(tmp_path):
     """The parent loss is zero for the float weights and equals ||P(x) - P'(x)||^2 otherwise."""
-    from lowbit.pipeline.awq import ParentCalls
     from lowbit.models.archs import block_linears
+    from lowbit.pipeline.awq import ParentCalls
     from lowbit.pipeline.blockwise import BlockContext
 
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path / "q", "qwen2"), dtype=torch.float32)
