@@ -131,10 +131,10 @@ class ParentCalls:
         mod = self.ctx.block.get_submodule(parent)
         calls = self.calls[parent]
         ref = [self._first(mod(*a, **k)).to(torch.float32) for a, k in calls]
+        orig = [lin.weight.detach().clone() for lin in lins]  # restored after every candidate
 
         @torch.no_grad()
         def loss(eff: list[torch.Tensor]) -> float:
-            orig = [lin.weight.detach().clone() for lin in lins]
             try:
                 for lin, w in zip(lins, eff, strict=True):
                     lin.weight.copy_(w.to(lin.weight.dtype))
