@@ -39,7 +39,24 @@ log = logging.getLogger("awq_quality")
 #: bench-only method names that pin the clipping search: name -> (method, clip)
 CLIP_VARIANTS = {"awq-clip": ("awq", True), "awq-noclip": ("awq", False),
                  "awq+gptq-clip": ("awq+gptq", True), "awq+gptq-noclip": ("awq+gptq", False)}
-#: a trailing "-linear" scores the scale search by the linears' own outputs (not their parent module's)
+#: trailing options: "-linear" scores the scale search by the linears' own outputs (not their parent
+#: module's), "-t<N>" scores N tokens (default 2048), "-both" tries both duo-scaling grids
+
+
+def parse_variant(variant: str) -> tuple[str, str, dict[str, Any]]:
+    """``awq-clip-t8192-both`` -> (``awq-clip``, objective, AWQMethod options)."""
+    objective, opts = "parent", {}
+    while True:
+        head, _, last = variant.rpartition("-")
+        if last == "linear":
+            objective = "linear"
+        elif last == "both":
+            opts["duo_scaling"] = "both"
+        elif last[:1] == "t" and last[1:].isdigit():
+            opts["max_tokens"] = int(last[1:])
+        else:
+            return variant, objective, opts
+        variant = head
 
 
 def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argparse.Namespace
@@ -49,12 +66,13 @@ def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argpars
     runs += [("smoothquant", al) for al in (a.alphas if "smoothquant" in methods else [])]
     for variant, alpha in runs:
         tag = variant if alpha is None or len(a.alphas) == 1 else f"{variant}-a{alpha:g}"
-        base, objective = (variant[:-7], "linear") if variant.endswith("-linear") else (variant, "parent")
+        base, objective, opts = parse_variant(variant)
         method, clip = CLIP_VARIANTS.get(base, (base, a.awq_clip))
         work = copy.deepcopy(ref)
         res = quantize_loaded(work, scheme, out / f"{scheme.name}-{tag}", method=method, calib="c4",
                               calib_samples=a.calib_samples, calib_len=a.calib_len, force=True, progress=False,
-                              awq_clip=clip, awq_objective=objective, **({"alpha": alpha} if alpha is not None else {}))
+                              awq_clip=clip, awq_objective=objective, awq_options=opts,
+                              **({"alpha": alpha} if alpha is not None else {}))
         del work
         models[f"lowbit-{tag}"] = load_artifact(res.path)
         secs[f"lowbit-{tag}"] = res.seconds

@@ -53,6 +53,18 @@ def test_scales_are_centred_and_identity_is_a_candidate():
     assert ratio <= 1.0 and (alpha == -1.0) == torch.equal(s, torch.ones(64))
 
 
+def test_duo_both_scores_both_grids():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 64, generator=g) * torch.logspace(-1, 1, 64)
+    w = torch.randn(16, 64, generator=g) * torch.logspace(1, -1, 64)
+    run = {d: search_scales(x.abs().mean(0), [w], fake_quant(SCHEME), 32, linear_loss(x, [w]), 10, d)
+           for d in (True, False, "both")}
+    assert run["both"][2] == pytest.approx(min(run[True][2], run[False][2]))
+    assert run[True][2] != pytest.approx(run[False][2])  # the grids differ, so "both" has a real choice
+    with pytest.raises(ValueError, match="duo"):
+        search_scales(x.abs().mean(0), [w], fake_quant(SCHEME), 32, linear_loss(x, [w]), 10, "yes")
+
+
 def test_clip_search_never_worse_than_no_clip():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 64, generator=g)

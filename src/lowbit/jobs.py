@@ -78,12 +78,13 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
                     hessians_on_cpu: bool = False, offload_activations: bool = False,
                     awq_save: str | Path | None = None, awq_load: str | Path | None = None,
                     export_format: str = "auto", alpha: float = 0.5, awq_clip: bool = False,
-                    awq_objective: str = "parent") -> QuantizeResult:
+                    awq_objective: str = "parent", awq_options: dict[str, Any] | None = None) -> QuantizeResult:
     """Quantize an already loaded model (modified in place) and write the artifact to ``out``.
 
     ``awq_save`` writes the AWQ search result (scales, clips) to a file; ``awq_load`` applies a saved
     one instead of searching (methods ``awq`` and ``awq+gptq``). ``export_format`` ``awq`` writes the
-    AutoAWQ GEMM layout (4-bit, grouped) instead of compressed-tensors.
+    AutoAWQ GEMM layout (4-bit, grouped) instead of compressed-tensors. ``awq_options`` sets further
+    :class:`~lowbit.pipeline.awq.AWQMethod` fields (``max_tokens``, ``duo_scaling``, ``grid``).
     """
     if export_format not in ("auto", "awq"):
         raise LowbitError(f"unknown export format {export_format!r}; use auto or awq")
@@ -116,7 +117,7 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
     block_method = make_method(method, scheme, search=search, scale_dtype=store, gptq=gptq,
                                true_sequential=true_sequential, hessians_on_cpu=hessians_on_cpu,
                                awq_preset=preset, awq_clip=awq_clip,
-                               awq_objective=awq_objective)
+                               awq_objective=awq_objective, awq_options=awq_options)
     spec = get_arch(lm.model)
     check_group_size(scheme, named_linears(lm.model, spec))  # before any calibration work
     tokens = None

@@ -4,7 +4,7 @@ Salient input channels (large ``E|x_j|``) lose less to rounding when they are sc
 quantization and the inverse scale is folded into what feeds them. For a group of linears
 ``W_i (out_i, in)`` sharing an input ``X (N, in)``::
 
-    s(alpha) = xbar^alpha / wbar^(1 - alpha)     (duo scaling; xbar only when duo is off)
+    s(alpha) = xbar^alpha / wbar^(1 - alpha)     (duo scaling; xbar^alpha when it is off; "both" tries both)
     s       <- s / sqrt(max(s) * min(s))          (centred around 1)
     L(alpha) = || P(X; {W_i}) - P(X; {Q(W_i * s) / s}) ||^2
 
@@ -81,23 +81,30 @@ def linear_loss(x: torch.Tensor, weights: list[torch.Tensor]) -> Loss:
 
 @torch.no_grad()
 def search_scales(x_mean: torch.Tensor, weights: list[torch.Tensor], quant: FakeQuant, group_size: int | None,
-                  loss: Loss, grid: int = 20, duo: bool = True) -> tuple[torch.Tensor, float, float]:
+                  loss: Loss, grid: int = 20, duo: bool | str = True) -> tuple[torch.Tensor, float, float]:
     """Best ``s (in,)`` over the alpha grid for the group's ``weights``, scored by ``loss``.
 
     ``loss`` takes the effective fp32 weights ``Q(W_i s) / s`` (one per linear, in order) and
-    returns the error they cause. Returns ``(s, alpha, loss / identity loss)``; alpha is -1 when
-    the identity won.
+    returns the error they cause. ``duo`` True scores ``xbar^a / wbar^(1-a)``, False ``xbar^a``,
+    ``"both"`` scores both grids (llm-compressor's ``duo_scaling="both"``). Returns
+    ``(s, alpha, loss / identity loss)``; alpha is -1 when the identity won.
     """
+    if duo not in (True, False, "both"):
+        raise ValueError(f"duo must be True, False or 'both', got {duo!r}")
     wf = [w.to(torch.float32) for w in weights]
     w_mean = weight_mean(weights, group_size) if duo else None
     base = loss([quant(w) for w in wf])
     best, best_alpha, best_s = base, -1.0, torch.ones_like(x_mean, dtype=torch.float32)
+    means = [w_mean, None] if duo == "both" else [w_mean]
     for k in range(grid):
         alpha = k / max(grid - 1, 1)
-        s = awq_scales(x_mean, w_mean, alpha).to(wf[0].device)
-        cur = loss([quant(w * s) / s for w in wf])
-        if cur < best:
-            best, best_alpha, best_s = cur, alpha, s
+        for wm in means:
+            if wm is None and duo == "both" and k == 0:
+                continue  # xbar^0 = 1: the identity, already scored
+            s = awq_scales(x_mean, wm, alpha).to(wf[0].device)
+            cur = loss([quant(w * s) / s for w in wf])
+            if cur < best:
+                best, best_alpha, best_s = cur, alpha, s
     return best_s, best_alpha, best / max(base, 1e-30)
 
 

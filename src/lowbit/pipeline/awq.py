@@ -186,7 +186,7 @@ class AWQMethod:
 
     scheme: QuantScheme
     grid: int = 20
-    duo_scaling: bool = True
+    duo_scaling: bool | str = True  # True, False, or "both" (score both grids)
     clip: bool = False  # AutoAWQ-style clipping search: helped Gemma-3 W3, hurt Qwen2.5 W3 and W4
     objective: str = "parent"  # "parent": error of the module holding the group; "linear": the linears' own
     max_tokens: int = 2048  # tokens the scale search scores (whole calibration inputs; rows for "linear")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,14 +89,15 @@ def make_method(name: str, scheme: QuantScheme, *, search: bool = False,
                 scale_dtype: torch.dtype = torch.bfloat16, gptq: GPTQConfig | None = None,
                 true_sequential: bool = True, hessians_on_cpu: bool = False,
                 awq_preset: AWQResult | None = None, awq_clip: bool = False,
-                awq_objective: str = "parent") -> BlockMethod:
+                awq_objective: str = "parent", awq_options: dict[str, Any] | None = None) -> BlockMethod:
+    """The block method ``name`` for ``scheme``; ``awq_options`` are further :class:`AWQMethod` fields."""
     if name in ("awq", "awq+gptq"):
         inner = None
         if name == "awq+gptq":
             inner = GPTQMethod(scheme, gptq or GPTQConfig(search=search), true_sequential=true_sequential,
                                hessians_on_cpu=hessians_on_cpu, scale_dtype=scale_dtype)
         return AWQMethod(scheme, scale_dtype=scale_dtype, inner=inner, preset=awq_preset, clip=awq_clip,
-                         objective=awq_objective)
+                         objective=awq_objective, **(awq_options or {}))
     if awq_preset is not None:
         raise SchemeError(f"an AWQ search result applies with --method awq or awq+gptq, not {name!r}")
     if name == "rtn":
