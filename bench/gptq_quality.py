@@ -81,13 +81,15 @@ def main() -> None:
                 opts = set(variant.split("-")[1:])
                 power = next((float(o[1:]) for o in opts if o.startswith("p")), 1.0)  # e.g. gptq-search-p0.5
                 asym = next((float(o[1:]) for o in opts if o.startswith("a")), 0.0)  # e.g. gptq-a0.25 (GPTAQ)
+                guard = next((int(o[1:]) for o in opts if o.startswith("g")), 0)  # e.g. gptq-search-g64
                 work = copy.deepcopy(ref)
                 res = quantize_loaded(work, scheme, out / name / f"{sname}-{variant}", method=method, calib="c4",
                                       calib_samples=a.calib_samples, calib_len=a.calib_len, force=True,
                                       progress=False, gptq=GPTQConfig(act_order=a.act_order,
                                                                      search=a.search or "search" in opts,
                                                                      refit=a.refit or "refit" in opts,
-                                                                     search_power=power, asym_alpha=asym))
+                                                                     search_power=power, asym_alpha=asym,
+                                                                     search_guard=guard))
                 del work
                 models[f"lowbit-{variant}"] = load_quantized(res.path)[0]
                 secs[f"lowbit-{variant}"] = res.seconds

@@ -240,3 +240,44 @@ def test_scale_refit_lowers_layer_output_error(bits):
     assert torch.equal(refit.codes, plain.codes)  # only the scales move
     assert refit.scales.dtype == torch.bfloat16 and not torch.equal(refit.scales, plain.scales)
     assert _out_err(w, refit, x) < 0.995 * _out_err(w, plain, x)
+
+
+def test_observer_keeps_the_largest_norm_tokens():
+    g = torch.Generator().manual_seed(3)
+    obs = HessianObserver(16, "cpu", keep_top=3)
+    seen = []
+    for b, scale in enumerate([5.0, 9.0, 7.0, 6.0]):
+        x = torch.randn(2, 10, 16, generator=g)
+        x[b % 2, b] *= scale  # one planted large token per batch
+        obs.update(x)
+        seen.append(x.reshape(-1, 16))
+    rows = torch.cat(seen)
+    want = rows[rows.norm(dim=1).topk(3).indices]
+    assert obs.top.shape == (3, 16) and obs.n == 80
+    torch.testing.assert_close(obs.top, want, rtol=0, atol=0)  # the planted 9, 7, 6 tokens, in order
+    assert not any(torch.equal(r, seen[0][0 * 10 + 0]) for r in obs.top)  # the planted 5 is out
+
+
+def test_search_guard_keeps_the_search_only_where_the_top_tokens_do_not_lose(tmp_path):
+    """The guard solves each group plain and with the search, and keeps the search iff the worst
+    error on the largest-norm tokens does not grow: the first group of block 0 (same inputs in
+    every run) must come out bit-equal to the plain or the searched run, as its flag says."""
+    d = make_tiny_model_dir(tmp_path / "m", "qwen2")
+    ids = torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(5))
+    s = QuantScheme(3, 32)
+    runs = {}
+    for tag, cfg in {"plain": GPTQConfig(), "search": GPTQConfig(search=True),
+                     "guard": GPTQConfig(search=True, search_guard=8)}.items():
+        m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        method = GPTQMethod(s, cfg, scale_dtype=torch.float32)
+        runs[tag] = (quantize_model(m, s, method, tokens=ids, progress=False, scale_dtype=torch.float32),
+                     method.stats)
+    qws, stats = runs["guard"]
+    flags = [st.searched for st in stats.values()]
+    assert all(f is not None for f in flags) and len(flags) == 14
+    q = "model.layers.0.self_attn.q_proj"
+    first = stats[next(k for k in stats if k.endswith(".0.self_attn.q_proj"))].searched
+    assert torch.equal(qws[q].codes, runs["search" if first else "plain"][0][q].codes)
+    assert all(st.searched is None for st in runs["search"][1].values())
+    with pytest.raises(SchemeError, match="search guard"):
+        GPTQConfig(search_guard=-1)

@@ -66,12 +66,16 @@ class GPTQConfig:
     refit: bool = False  # after the columns, refit static group scales to the layer output error (gptq_refit)
     search_power: float = 1.0  # importance of column j in the clipping search: (H_jj / mean H_jj) ** power
     asym_alpha: float = 0.0  # > 0: asymmetric calibration towards the float model's outputs (gptaq), this strength
+    search_guard: int = 0  # > 0 (with search): keep the search per layer only if it does not raise the worst
+    # error on the search_guard largest-norm calibration tokens (pipeline.gptq.GPTQMethod._guarded_solve)
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
             raise SchemeError(f"GPTQ damp must be in (0, 1), got {self.damp}")
         if self.block_size < 1:
             raise SchemeError(f"GPTQ block size must be >= 1, got {self.block_size}")
+        if self.search_guard < 0:
+            raise SchemeError(f"GPTQ search guard must be a token count >= 0, got {self.search_guard}")
         if not 0 <= self.asym_alpha <= 1:
             raise SchemeError(f"GPTQ asymmetric calibration strength must be in [0, 1], got {self.asym_alpha}")
 
@@ -84,6 +88,7 @@ class GPTQStats:
     damp: float
     dead_columns: int
     row_loss: torch.Tensor | None = None  # (out,) error of each output row, on the CPU
+    searched: bool | None = None  # with a search guard: whether the clipping search was kept
 
 
 class HessianConsumed(SchemeError):

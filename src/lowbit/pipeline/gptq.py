@@ -9,6 +9,7 @@ previous ones. Without ``true_sequential`` one run collects the Hessians of ever
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,8 +40,12 @@ class HessianObserver:
     """
 
     def __init__(self, in_features: int, device: torch.device | str, timers: dict[str, float] | None = None,
-                 cross: bool = False) -> None:
+                 cross: bool = False, keep_top: int = 0) -> None:
         self._S = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        # with ``keep_top`` = K: the K tokens of largest norm seen, ``top (K, in)`` float32 (massive
+        # activations, attention sinks: what a mean-squared objective weighs least)
+        self.keep_top = keep_top
+        self.top = torch.zeros(0, in_features, dtype=torch.float32, device=device)
         # with ``cross``: also D = 2/n sum_t (x_float_t - x_t) x_t^T, paired with the float model's inputs
         self._C = torch.zeros_like(self._S) if cross else None
         self.n = 0
@@ -65,6 +70,11 @@ class HessianObserver:
         else:
             x = x.to(device=self._S.device, dtype=torch.float32)
             self._S.addmm_(x.T, x)
+        if self.keep_top:
+            rows = x.to(device=self.top.device, dtype=torch.float32)
+            rows = rows[rows.norm(dim=1).topk(min(self.keep_top, rows.shape[0])).indices]
+            both = torch.cat([self.top, rows])
+            self.top = both[both.norm(dim=1).topk(min(self.keep_top, both.shape[0])).indices]
         _tock(self.timers, "hessian", t0, self._S.device)
 
     @property
@@ -139,15 +149,17 @@ class GPTQMethod:
             assert ctx.fp_inputs is not None
             fw = float_weights(ctx)
             ctx.fp_outputs = ctx.forward_all(ctx.fp_inputs)
+        top = self.config.search_guard if self.config.search else 0  # tokens kept for the search guard
         for stage in stages:
             firsts = [g[0] for g in groups if g[0] in stage]
             t0 = _tick(self.timers, ctx.device)
             obs: dict[str, Any]
             if fw is None:
-                obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers), names=firsts)
+                obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers, keep_top=top),
+                              names=firsts)
             else:
                 obs = collect_paired(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers,
-                                                                         cross=True), firsts, fw)
+                                                                         cross=True, keep_top=top), firsts, fw)
             _tock(self.timers, "forward+hessian", t0, ctx.device)
             for g in groups:
                 if g[0] not in stage:
@@ -155,6 +167,7 @@ class GPTQMethod:
                 o = obs.pop(g[0])  # the Hessian is freed once solved, before the write-back
                 H, _ = sum_weighted(o.H, o.n)  # type: ignore[attr-defined]
                 D = None if fw is None else sum_weighted(o.D, o.n)[0]  # type: ignore[attr-defined]
+                top_rows = o.top  # type: ignore[attr-defined]
                 del o
                 lins = [ctx.linears[n] for n in g]
                 owner = solved % size
@@ -164,7 +177,11 @@ class GPTQMethod:
                 shape = (sum(lin.out_features for lin in lins), lins[0].in_features)
                 qw, st = None, None
                 if owner == rank:
-                    qw, st = self._solve(ctx, g, lins, H, consume=size == 1 and D is None, cross=D)
+                    if top_rows.shape[0]:
+                        qw, st = self._guarded_solve(ctx, g, lins, H, top_rows, consume=size == 1 and D is None,
+                                                     cross=D)
+                    else:
+                        qw, st = self._solve(ctx, g, lins, H, consume=size == 1 and D is None, cross=D)
                 del H, D
                 dynamic = self.config.act_order and not self.config.static_groups
                 qw = broadcast_qweight(qw, owner, shape, self.scheme,  # type: ignore[arg-type]
@@ -185,12 +202,39 @@ class GPTQMethod:
                                              _own(part.zeros, shared), qw.scheme,
                                              None if qw.g_idx is None else _own(qw.g_idx, shared))
                     self.stats[f"{ctx.spec.blocks}.{ctx.index}.{n}"] = GPTQStats(
-                        float(st.row_loss[r0:r1].sum()), st.damp, st.dead_columns)
+                        float(st.row_loss[r0:r1].sum()), st.damp, st.dead_columns, searched=st.searched)
                     r0 = r1
                 del qw, part  # not held through the next stage's forward
                 _tock(self.timers, "write-back", t0, ctx.device)
             del obs
         return out
+
+    def _guarded_solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor,
+                       top: torch.Tensor, consume: bool, cross: torch.Tensor | None = None
+                       ) -> tuple[QuantizedWeight, GPTQStats]:
+        """The clipping search kept only where it does not raise the worst error on the
+        largest-norm tokens ``top (K, in)``.
+
+        The search minimises the mean output error ``tr(E H E^T)`` (``E = W - Q``), which weighs a
+        token by ``1/n``: on models with massive activations it can trade a lower mean for a larger
+        error on the few tokens that carry them (attention sinks; Sun et al., "Massive Activations
+        in Large Language Models", 2024), which the whole model then feels. Both solves run; the
+        search is kept iff ``max_t ||E_search x_t||^2 <= max_t ||E_plain x_t||^2`` over ``top``.
+        """
+        name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
+        plain = dataclasses.replace(self.config, search=False)
+        q0, s0 = gptq_quantize(_stacked(lins), H, self.scheme, plain, scale_dtype=self.scale_dtype, name=name,
+                               timers=self.timers, consume_weight=True, cross=cross)
+        q1, s1 = self._solve(ctx, g, lins, H, consume=consume, cross=cross)
+        W = _stacked(lins)
+        x = top.to(device=W.device, dtype=torch.float32)
+        worst = [float(((W - q.dequantize().to(W)) @ x.T).square().sum(0).max()) for q in (q0, q1)]
+        keep = worst[1] <= worst[0]
+        log.info("%s: clipping search %s (loss %.4g -> %.4g, worst top-token error %.4g -> %.4g)", name,
+                 "kept" if keep else "dropped", s0.loss, s1.loss, worst[0], worst[1])
+        q, st = (q1, s1) if keep else (q0, s0)
+        st.searched = keep
+        return q, st
 
     def _solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor, consume: bool,
                cross: torch.Tensor | None = None) -> tuple[QuantizedWeight, GPTQStats]:
