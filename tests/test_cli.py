@@ -52,6 +52,7 @@ def test_quantize_then_eval(tmp_path, tiny, corpus, method, capsys):
     (["--scheme", "W4A16", "--group-size", "48"], "does not divide"),
     (["--scheme", "W4A16", "--group-size", "32", "--method", "imatrix-rtn", "--calib", "EMPTY"],
      "calibration text is empty"),
+    (["--scheme", "W4A16", "--group-size", "32", "--method", "gptq", "--mse-guard", "8"], "turn it on"),
 ])
 def test_bad_options_exit_2_and_write_nothing(tmp_path, tiny, capsys, args, message):
     empty = tmp_path / "empty.txt"

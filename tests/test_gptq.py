@@ -280,4 +280,8 @@ def test_search_guard_keeps_the_search_only_where_the_top_tokens_do_not_lose(tmp
     assert torch.equal(qws[q].codes, runs["search" if first else "plain"][0][q].codes)
     assert all(st.searched is None for st in runs["search"][1].values())
     with pytest.raises(SchemeError, match="search guard"):
-        GPTQConfig(search_guard=-1)
+        GPTQConfig(search=True, search_guard=-1)
+    with pytest.raises(SchemeError, match="turn it on"):  # a guard without the search would do nothing
+        GPTQConfig(search_guard=8)
+    with pytest.raises(SchemeError, match="turn it on"):
+        GPTQConfig(search_power=0.5)

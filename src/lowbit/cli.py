@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="asymmetric calibration (GPTAQ): aim each layer at the float model's output, with this "
                         "strength in (0, 1] (0.25 is GPTAQ's; default 0 = plain GPTQ); one more block forward "
                         "per stage and an in x in matrix per layer")
+    g.add_argument("--mse-power", type=float, default=1.0, metavar="P",
+                   help="with --mse: weight each column's error by (H_jj / mean H_jj)^P in the search (default 1; "
+                        "0.5 damps the importance)")
+    g.add_argument("--mse-guard", type=int, default=0, metavar="N",
+                   help="with --mse: keep a layer's search only if the worst output error over its N largest-norm "
+                        "calibration tokens does not grow (default 0: always keep it)")
     g.add_argument("--block-size", type=int, default=128, help="lazy-update block size")
     g.add_argument("--no-true-sequential", action="store_true", help="one Hessian pass per block")
     g.add_argument("--hessians-on-cpu", action="store_true", help="keep Hessians in CPU memory")
@@ -169,7 +175,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from lowbit.methods.gptq import GPTQConfig
 
     gptq = GPTQConfig(damp=a.damp, block_size=a.block_size, act_order=a.act_order,
-                      static_groups=not a.dynamic_groups, search=a.mse, refit=a.refit, asym_alpha=a.asym_alpha)
+                      static_groups=not a.dynamic_groups, search=a.mse, refit=a.refit, asym_alpha=a.asym_alpha,
+                      search_power=a.mse_power, search_guard=a.mse_guard)
     calib_len = a.calib_len or (2048 if a.method.endswith("gptq") else 512)
     device = a.device
     if device == "auto":

@@ -76,6 +76,11 @@ class GPTQConfig:
             raise SchemeError(f"GPTQ block size must be >= 1, got {self.block_size}")
         if self.search_guard < 0:
             raise SchemeError(f"GPTQ search guard must be a token count >= 0, got {self.search_guard}")
+        if not self.search and (self.search_guard or self.search_power != 1.0):
+            raise SchemeError("the search guard and the search power shape the clipping search: turn it on "
+                              "(search=True, CLI --mse) or leave them at their defaults")
+        if self.search_power < 0:
+            raise SchemeError(f"GPTQ search power must be >= 0, got {self.search_power}")
         if not 0 <= self.asym_alpha <= 1:
             raise SchemeError(f"GPTQ asymmetric calibration strength must be in [0, 1], got {self.asym_alpha}")
 

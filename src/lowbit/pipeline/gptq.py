@@ -222,7 +222,7 @@ class GPTQMethod:
         search is kept iff ``max_t ||E_search x_t||^2 <= max_t ||E_plain x_t||^2`` over ``top``.
         """
         name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
-        plain = dataclasses.replace(self.config, search=False)
+        plain = dataclasses.replace(self.config, search=False, search_guard=0, search_power=1.0)
         q0, s0 = gptq_quantize(_stacked(lins), H, self.scheme, plain, scale_dtype=self.scale_dtype, name=name,
                                timers=self.timers, consume_weight=True, cross=cross)
         q1, s1 = self._solve(ctx, g, lins, H, consume=consume, cross=cross)
