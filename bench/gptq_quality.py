@@ -21,6 +21,7 @@ import logging
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -61,6 +62,9 @@ def main() -> None:
                    help="also GPTQModel's GPTQ (installed in this python; bench/peers/gptqmodel_gptq.py)")
     p.add_argument("--reuse-peer", action="store_true",
                    help="reuse llm-compressor's artifact from an earlier run with the same --out (same tokens)")
+    p.add_argument("--reuse-lowbit", action="store_true",
+                   help="reuse lowbit artifacts from an earlier run with the same --out when their recipe "
+                        "records the same GPTQ options (same tokens: the calibration is seeded)")
     p.add_argument("--out", default="bench/results/gptq")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -82,17 +86,22 @@ def main() -> None:
                 power = next((float(o[1:]) for o in opts if o.startswith("p")), 1.0)  # e.g. gptq-search-p0.5
                 asym = next((float(o[1:]) for o in opts if o.startswith("a")), 0.0)  # e.g. gptq-a0.25 (GPTAQ)
                 guard = next((int(o[1:]) for o in opts if o.startswith("g")), 0)  # e.g. gptq-search-g64
-                work = copy.deepcopy(ref)
-                res = quantize_loaded(work, scheme, out / name / f"{sname}-{variant}", method=method, calib="c4",
-                                      calib_samples=a.calib_samples, calib_len=a.calib_len, force=True,
-                                      progress=False, gptq=GPTQConfig(act_order=a.act_order,
-                                                                     search=a.search or "search" in opts,
-                                                                     refit=a.refit or "refit" in opts,
-                                                                     search_power=power, asym_alpha=asym,
-                                                                     search_guard=guard))
-                del work
-                models[f"lowbit-{variant}"] = load_quantized(res.path)[0]
-                secs[f"lowbit-{variant}"] = res.seconds
+                cfg = GPTQConfig(act_order=a.act_order, search=a.search or "search" in opts,
+                                 refit=a.refit or "refit" in opts, search_power=power, asym_alpha=asym,
+                                 search_guard=guard)
+                art = out / name / f"{sname}-{variant}"
+                done = _reusable(art, cfg, method, a) if a.reuse_lowbit else None
+                if done is None:
+                    work = copy.deepcopy(ref)
+                    res = quantize_loaded(work, scheme, art, method=method, calib="c4",
+                                          calib_samples=a.calib_samples, calib_len=a.calib_len, force=True,
+                                          progress=False, gptq=cfg)
+                    del work
+                    done = res.seconds
+                else:
+                    log.info("reusing %s (quantized in %.0f s)", art, done)
+                models[f"lowbit-{variant}"] = load_quantized(art)[0]
+                secs[f"lowbit-{variant}"] = done
             if a.llmc_python:
                 peer_dir = out / name / f"{sname}-llmcompressor"
                 t0 = time.perf_counter()
@@ -137,6 +146,19 @@ def main() -> None:
                       "-" if r["kld"] is None else f"{r['kld']:.4f}", "-" if r["top1"] is None else f"{r['top1']:.4f}",
                       "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}")
     Console(width=200).print(table)
+
+
+def _reusable(art: Path, cfg: GPTQConfig, method: str, a: argparse.Namespace) -> float | None:
+    """The quantize seconds of an existing artifact made with the same method, options and
+    calibration, or None when it must be made again."""
+    f = art / "lowbit_recipe.json"
+    if not f.exists():
+        return None
+    r = json.loads(f.read_text())
+    same = (r.get("method") == method and r.get("calib_samples") == a.calib_samples
+            and r.get("calib_len") == a.calib_len
+            and (method != "gptq" or all(r.get("gptq", {}).get(k) == v for k, v in asdict(cfg).items())))
+    return float(r["quantize_seconds"]) if same else None
 
 
 if __name__ == "__main__":

@@ -204,11 +204,15 @@ def floors(cfg: Any, layers: int, n: int, t: int, rates: dict[str, float]) -> di
 # ---------------------------------------------------------------------------------- lowbit runs
 
 
+ASYM_ALPHA: float | None = None  # --asym-alpha: GPTQConfig.asym_alpha (None: the library's default)
+
+
 def gptq_config(act_order: str) -> Any:
-    """lowbit's GPTQConfig: its defaults, or with act-order forced on/off."""
+    """lowbit's GPTQConfig: its defaults, or with act-order forced on/off (and --asym-alpha)."""
     from lowbit.methods.gptq import GPTQConfig
 
-    return GPTQConfig() if act_order == "default" else GPTQConfig(act_order=act_order == "on")
+    cfg = GPTQConfig() if act_order == "default" else GPTQConfig(act_order=act_order == "on")
+    return cfg if ASYM_ALPHA is None else dataclasses.replace(cfg, asym_alpha=ASYM_ALPHA)
 
 
 class TimedMethod:
@@ -219,6 +223,7 @@ class TimedMethod:
         self.dev = dev
         self.needs_calibration = inner.needs_calibration
         self.writes_back = getattr(inner, "writes_back", False)
+        self.float_inputs = getattr(inner, "float_inputs", False)  # GPTAQ: the engine carries float inputs too
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.capture_peak = 0
@@ -563,6 +568,8 @@ def main() -> None:
                    help="peak memory of capture_inputs with grad mode on (as run_blockwise calls it) vs no_grad")
     p.add_argument("--act-order", choices=["default", "on", "off"], default="default",
                    help="lowbit GPTQConfig.act_order (default: the library's default); llm-compressor uses static")
+    p.add_argument("--asym-alpha", type=float, default=None,
+                   help="lowbit GPTQConfig.asym_alpha (GPTAQ strength; default: the library's default)")
     p.add_argument("--peer-path", default="", help="prepended to PYTHONPATH of the llm-compressor subprocess")
     p.add_argument("--work", default="/tmp/gptq_speed_work", help="scratch folder (the peer's config + tokenizer)")
     p.add_argument("--profile", action="store_true",
@@ -575,6 +582,8 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    global ASYM_ALPHA
+    ASYM_ALPHA = a.asym_alpha
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(a.device)

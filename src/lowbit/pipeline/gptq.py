@@ -58,13 +58,22 @@ class HessianObserver:
         t0 = _tick(self.timers, self._S.device)
         x = x.detach().reshape(-1, x.shape[-1])
         self.n += x.shape[0]
+        fused = x.device.type == "cuda" and self._S.device.type == "cuda" and x.dtype in (torch.bfloat16,
+                                                                                          torch.float16)
         if self._C is not None:
             if x_float is None:
                 raise ValueError("this observer accumulates D: pass the float model's inputs too")
-            xq = x.to(device=self._C.device, dtype=torch.float32)
-            xf = x_float.detach().reshape(-1, x.shape[-1]).to(device=self._C.device, dtype=torch.float32)
-            self._C.addmm_((xf - xq).T, xq)
-        if x.device.type == "cuda" and self._S.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16):
+            xf = x_float.detach().reshape(-1, x.shape[-1])
+            if fused and xf.dtype == x.dtype:
+                # the difference of two half-precision values is rounded relative to itself, so it keeps
+                # its digits; products in half precision, sums in fp32 (as for H)
+                xq = x.to(self._C.device)
+                dd = xf.to(self._C.device) - xq
+                torch.addmm(self._C, dd.T, xq, out_dtype=torch.float32, out=self._C)
+            else:
+                xq = x.to(device=self._C.device, dtype=torch.float32)
+                self._C.addmm_((xf.to(device=self._C.device, dtype=torch.float32) - xq).T, xq)
+        if fused:
             xx = x.to(self._S.device)
             torch.addmm(self._S, xx.T, xx, out_dtype=torch.float32, out=self._S)
         else:
