@@ -60,21 +60,20 @@ class HessianObserver:
         self.n += x.shape[0]
         fused = x.device.type == "cuda" and self._S.device.type == "cuda" and x.dtype in (torch.bfloat16,
                                                                                           torch.float16)
-        if self._C is not None:
+        xx = x.to(self._S.device) if fused else x
+        if self._C is not None:  # on the device of _S
             if x_float is None:
                 raise ValueError("this observer accumulates D: pass the float model's inputs too")
             xf = x_float.detach().reshape(-1, x.shape[-1])
             if fused and xf.dtype == x.dtype:
                 # the difference of two half-precision values is rounded relative to itself, so it keeps
                 # its digits; products in half precision, sums in fp32 (as for H)
-                xq = x.to(self._C.device)
-                dd = xf.to(self._C.device) - xq
-                torch.addmm(self._C, dd.T, xq, out_dtype=torch.float32, out=self._C)
+                dd = xf.to(self._C.device) - xx
+                torch.addmm(self._C, dd.T, xx, out_dtype=torch.float32, out=self._C)
             else:
                 xq = x.to(device=self._C.device, dtype=torch.float32)
                 self._C.addmm_((xf.to(device=self._C.device, dtype=torch.float32) - xq).T, xq)
         if fused:
-            xx = x.to(self._S.device)
             torch.addmm(self._S, xx.T, xx, out_dtype=torch.float32, out=self._S)
         else:
             x = x.to(device=self._S.device, dtype=torch.float32)
