@@ -60,8 +60,9 @@ class HessianObserver:
         self.n += x.shape[0]
         fused = x.device.type == "cuda" and self._S.device.type == "cuda" and x.dtype in (torch.bfloat16,
                                                                                           torch.float16)
-        xx = x.to(self._S.device) if fused else x
-        if self._C is not None:  # on the device of _S
+        # the inputs on the device of _S (and _C): half precision for the fused products, else fp32
+        xx = x.to(self._S.device) if fused else x.to(device=self._S.device, dtype=torch.float32)
+        if self._C is not None:
             if x_float is None:
                 raise ValueError("this observer accumulates D: pass the float model's inputs too")
             xf = x_float.detach().reshape(-1, x.shape[-1])
@@ -71,13 +72,12 @@ class HessianObserver:
                 dd = xf.to(self._C.device) - xx
                 torch.addmm(self._C, dd.T, xx, out_dtype=torch.float32, out=self._C)
             else:
-                xq = x.to(device=self._C.device, dtype=torch.float32)
+                xq = xx.float()
                 self._C.addmm_((xf.to(device=self._C.device, dtype=torch.float32) - xq).T, xq)
         if fused:
             torch.addmm(self._S, xx.T, xx, out_dtype=torch.float32, out=self._S)
         else:
-            x = x.to(device=self._S.device, dtype=torch.float32)
-            self._S.addmm_(x.T, x)
+            self._S.addmm_(xx.T, xx)
         if self.keep_top:
             rows = x.to(device=self.top.device, dtype=torch.float32)
             rows = rows[rows.norm(dim=1).topk(min(self.keep_top, rows.shape[0])).indices]
