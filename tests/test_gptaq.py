@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_model_dir
 from lowbit.core.errors import SchemeError
 from lowbit.core.scheme import QuantScheme
-from lowbit.methods.gptaq import asymmetric_target_
-from lowbit.methods.gptq import GPTQConfig, gptq_quantize
+from lowbit.methods.gptaq import asymmetric_target_, shift_with_factor_
+from lowbit.methods.gptq import GPTQConfig, _inverse_cholesky_, gptq_quantize
 from lowbit.pipeline.gptq import GPTQMethod, HessianObserver
 from lowbit.pipeline.quantize import quantize_model
 
@@ -30,6 +30,18 @@ def test_full_strength_target_is_the_least_squares_fit_of_the_float_output():
     torch.testing.assert_close(Wt, lstsq, atol=1e-4, rtol=1e-3)
     half = asymmetric_target_(W.clone(), H, D, alpha=0.5, damp=1e-9)
     torch.testing.assert_close(half, (W + Wt) / 2, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_shift_through_gptqs_factor_matches_the_standalone_solve(act_order):
+    """Inside GPTQ the shift uses GPTQ's own factor of the damped, permuted H^-1: same target."""
+    _, _, W, H, D = _pair(seed=2)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else None
+    Hp = H.clone() if perm is None else H[perm][:, perm].contiguous()
+    damp = 0.01
+    _inverse_cholesky_(Hp, None, float(H.diagonal().mean()), damp, 1, "t")
+    got = shift_with_factor_(W.clone(), D, Hp, 0.25, perm, rows=7)  # row bands that do not divide out=48
+    torch.testing.assert_close(got, asymmetric_target_(W.clone(), H, D, 0.25, damp), atol=1e-5, rtol=1e-4)
 
 
 def test_observer_accumulates_the_cross_term():
@@ -87,3 +99,29 @@ def test_fused_half_precision_cross_matches_fp64():
     assert D is not None
     ref *= 2 / obs.n
     assert float((D.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_paired_float_runs_leave_the_float_blocks_outputs(tmp_path):
+    """The last stage's float runs go on to the block output: the float model's input of the next
+    block, equal to a plain forward of the float block (the quantized weights are not used)."""
+    from lowbit.models.archs import block_linears, get_arch, get_blocks
+    from lowbit.pipeline.blockwise import BlockContext, capture_inputs
+    from lowbit.pipeline.paired import collect_paired, float_weights
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path / "m", "qwen2"), dtype=torch.float32)
+    spec = get_arch(model)
+    ids = torch.randint(3, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    hidden, kwargs = capture_inputs(model, ids, spec, torch.device("cpu"))
+    block = get_blocks(model, spec)[0]
+    ctx = BlockContext(0, block, block_linears(block, spec), spec, torch.device("cpu"), hidden, kwargs[0],
+                       fp_inputs=[h + 0.01 for h in hidden])
+    want = ctx.forward_all(ctx.fp_inputs)
+    fw = float_weights(ctx)
+    for lin in ctx.linears.values():
+        lin.weight.data.mul_(1.5)  # as if quantized: the paired float runs must not see it
+    obs = collect_paired(ctx, lambda n, lin: HessianObserver(lin.in_features, "cpu", cross=True),
+                         ["mlp.down_proj"], fw, float_outputs=True)
+    assert ctx.fp_outputs is not None and len(ctx.fp_outputs) == len(want)
+    for got, ref in zip(ctx.fp_outputs, want, strict=True):
+        torch.testing.assert_close(got, ref)
+    assert obs["mlp.down_proj"].n == 3 * 16 and float(obs["mlp.down_proj"].D.abs().sum()) > 0

@@ -98,7 +98,9 @@ def test_consumed_hessian_same_result_and_retry_signal():
         gptq_quantize(w, bad.clone(), QuantScheme(4, 32), consume_hessian=True)
 
 
-def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, monkeypatch):
+@pytest.mark.parametrize("asym", [0.0, 0.5])
+def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, monkeypatch, asym):
+    """Also with asymmetric calibration (GPTAQ): the retry keeps aiming at the float output."""
     import lowbit.pipeline.gptq as pg
 
     d = make_tiny_model_dir(tmp_path / "m", "llama")
@@ -108,6 +110,7 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
 
     def flaky(W, H, *a, consume_hessian=False, **k):
         calls.append(consume_hessian)
+        assert (k.get("cross") is not None) == (asym > 0)
         if len(calls) == 1:
             assert consume_hessian
             H.fill_(float("nan"))  # what a failed in-place factorisation leaves behind
@@ -116,7 +119,7 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
         return real(W, H, *a, consume_hessian=consume_hessian, **k)
 
     monkeypatch.setattr(pg, "gptq_quantize", flaky)
-    method = GPTQMethod(QuantScheme(4, 32), scale_dtype=torch.float32)
+    method = GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=asym), scale_dtype=torch.float32)
     qws = quantize_model(model, QuantScheme(4, 32), method, tokens=ids, progress=False)
     assert calls[:3] == [True, False, True] and len(qws) == 14
     assert all(torch.isfinite(q.scales).all() for q in qws.values())

@@ -16,8 +16,11 @@ asymmetric objective at ``alpha = 1``. GPTAQ's column-wise form applies the same
 the columns are quantized, tempered by ``alpha`` (0.25 in its code) because ``D H^-1`` is a
 least-squares fit to a finite calibration set; ``alpha`` plays that role here.
 
-``H`` is damped like GPTQ's (``damp * mean(diag H)`` on the diagonal) for the solve.
-Shapes: ``W (out, in)``, ``H``, ``D (in, in)`` float32 (both scaled by the same ``2/n``).
+``H`` is damped like GPTQ's (``damp * mean(diag H)`` on the diagonal) for the solve. Inside GPTQ
+(:func:`shift_with_factor_`) ``H^-1`` comes from GPTQ's own factor ``H^-1 = U^T U`` (upper ``U``, in
+act-order if any), so the shift costs two matmuls per row band and no second factorisation or
+``in x in`` copy; :func:`asymmetric_target_` is the standalone form with a Cholesky of its own.
+Shapes: ``W (out, in)``, ``H``, ``D``, ``U (in, in)`` float32 (``H``, ``D`` scaled by the same ``2/n``).
 """
 
 from __future__ import annotations
@@ -50,4 +53,27 @@ def asymmetric_target_(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha:
         Wr = W[r0:r0 + rows]
         M = Wr @ D  # (rows, in)
         Wr.add_(torch.cholesky_solve(M.T, L).T, alpha=alpha)  # H^-1 symmetric: (M H^-1)^T = H^-1 M^T
+    return W
+
+
+def shift_with_factor_(W: torch.Tensor, D: torch.Tensor, U: torch.Tensor, alpha: float,
+                       perm: torch.Tensor | None = None, rows: int = 4096) -> torch.Tensor:
+    """``W += alpha (W D) H^-1`` in place given GPTQ's factor ``U`` of the damped ``H^-1``; returns ``W``.
+
+    ``U (in, in)`` is upper with ``U^T U = (P H P^T + lambda I)^-1`` for the act-order permutation
+    ``P`` (``perm``: processing position -> original column; None for the identity). ``W`` and ``D``
+    are in the original column order; for a row band ``M = W_r D``:
+    ``M H^-1 = ((M P^T) U^T U) P``, i.e. permute the columns, apply ``U^T`` then ``U``, permute back.
+    Peak extra memory: two ``(rows, in)`` float32 bands.
+    """
+    inv = None if perm is None else torch.argsort(perm)
+    for r0 in range(0, W.shape[0], rows):
+        Wr = W[r0:r0 + rows]
+        M = Wr @ D  # (rows, in), original order
+        if perm is not None:
+            M = M[:, perm]
+        M = (M @ U.mT) @ U  # v H_p^-1 = (v U^T) U for row vectors v
+        if inv is not None:
+            M = M[:, inv]
+        Wr.add_(M, alpha=alpha)
     return W

@@ -42,7 +42,7 @@ from lowbit.core.inplace import flip_, invert_upper_, permute_columns_, permute_
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods import gptq_triton
-from lowbit.methods.gptaq import asymmetric_target_
+from lowbit.methods.gptaq import shift_with_factor_
 from lowbit.methods.gptq_block import run_block_columns
 from lowbit.methods.gptq_refit import refit_scales
 from lowbit.methods.rtn import fit_groups, fit_params
@@ -173,20 +173,6 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
     own = consume_weight and weight.dtype == torch.float32 and not cfg.refit  # the refit re-reads the weight
     W = weight.detach() if own else weight.detach().to(torch.float32, copy=True)
     W[:, dead] = 0
-    if cross is not None and cfg.asym_alpha > 0:
-        asymmetric_target_(W, Hd, cross.to(device=W.device, dtype=torch.float32), cfg.asym_alpha, cfg.damp)
-        W[:, dead] = 0
-
-    static: tuple[torch.Tensor, torch.Tensor] | None = None
-    if scheme.group_size is None or cfg.static_groups:  # fitted once, on the original weights
-        a = None
-        if cfg.search:  # clipping search weighted by H_jj = 2 E[x_j^2], as importance-weighted RTN does
-            a = (torch.where(dead, torch.zeros_like(diag), diag) / mean_diag).pow(cfg.search_power) + 1e-6
-            a = a.reshape(1, groups, gs)
-        s, z = fit_params(W.reshape(out, groups, gs), scheme, a, search=cfg.search, scale_dtype=scale_dtype)
-        static = (s[..., 0], z[..., 0])  # (out, G); no W-sized codes are made
-    if perm is not None:
-        permute_columns_(W, perm)
     dead_p = dead if perm is None else dead[perm]
 
     def to_order_(M: torch.Tensor) -> None:  # in processing order, dead columns set to 1, in place
@@ -207,6 +193,20 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
     damp = _inverse_cholesky_(Hw, source, mean_diag, cfg.damp, cfg.max_damp_tries, name)
     U = Hw
     t1 = _sync_time(W.device) if timed else 0.0
+    if cross is not None and cfg.asym_alpha > 0:  # GPTAQ: aim at the float output, through GPTQ's own factor
+        shift_with_factor_(W, cross.to(device=W.device, dtype=torch.float32), U, cfg.asym_alpha, perm)
+        W[:, dead] = 0
+
+    static: tuple[torch.Tensor, torch.Tensor] | None = None
+    if scheme.group_size is None or cfg.static_groups:  # fitted once, on the original weights
+        a = None
+        if cfg.search:  # clipping search weighted by H_jj = 2 E[x_j^2], as importance-weighted RTN does
+            a = (torch.where(dead, torch.zeros_like(diag), diag) / mean_diag).pow(cfg.search_power) + 1e-6
+            a = a.reshape(1, groups, gs)
+        s, z = fit_params(W.reshape(out, groups, gs), scheme, a, search=cfg.search, scale_dtype=scale_dtype)
+        static = (s[..., 0], z[..., 0])  # (out, G); no W-sized codes are made
+    if perm is not None:
+        permute_columns_(W, perm)
 
     col_group = torch.arange(cols, device=W.device) // gs  # group of each original column
     proc = col_group if perm is None or static is None else col_group[perm]

@@ -155,8 +155,7 @@ class GPTQMethod:
         fw = None
         if self.float_inputs:  # the float block's weights and outputs, before anything is quantized
             assert ctx.fp_inputs is not None
-            fw = float_weights(ctx)
-            ctx.fp_outputs = ctx.forward_all(ctx.fp_inputs)
+            fw = float_weights(ctx)  # the float block's outputs come from the last stage's float runs
         top = self.config.search_guard if self.config.search else 0  # tokens kept for the search guard
         for stage in stages:
             firsts = [g[0] for g in groups if g[0] in stage]
@@ -167,7 +166,8 @@ class GPTQMethod:
                               names=firsts)
             else:
                 obs = collect_paired(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers,
-                                                                         cross=True, keep_top=top), firsts, fw)
+                                                                         cross=True, keep_top=top), firsts, fw,
+                                     float_outputs=stage is stages[-1])
             _tock(self.timers, "forward+hessian", t0, ctx.device)
             for g in groups:
                 if g[0] not in stage:
@@ -186,10 +186,10 @@ class GPTQMethod:
                 qw, st = None, None
                 if owner == rank:
                     if top_rows.shape[0]:
-                        qw, st = self._guarded_solve(ctx, g, lins, H, top_rows, consume=size == 1 and D is None,
+                        qw, st = self._guarded_solve(ctx, g, lins, H, top_rows, consume=size == 1,
                                                      cross=D)
                     else:
-                        qw, st = self._solve(ctx, g, lins, H, consume=size == 1 and D is None, cross=D)
+                        qw, st = self._solve(ctx, g, lins, H, consume=size == 1, cross=D)
                 del H, D
                 dynamic = self.config.act_order and not self.config.static_groups
                 qw = broadcast_qweight(qw, owner, shape, self.scheme,  # type: ignore[arg-type]
@@ -250,7 +250,8 @@ class GPTQMethod:
         place when ``consume``.
 
         If that factorisation fails, the retry needs the original Hessian: it is collected again
-        (one more run of the block; rare) and solved on a copy, with damping raised as usual.
+        (one more run of the block; rare) and solved on a copy, with damping raised as usual (``cross``
+        is never consumed, and the quantized-model inputs it pairs with are the ones collected again).
         """
         name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
         try:
@@ -263,7 +264,8 @@ class GPTQMethod:
         hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
         obs = collect(ctx, lambda n, m: HessianObserver(m.in_features, hdev, self.timers), names=[g[0]])
         return gptq_quantize(_stacked(lins), obs[g[0]].H, self.scheme, self.config,  # type: ignore[attr-defined]
-                             scale_dtype=self.scale_dtype, name=name, timers=self.timers, consume_weight=True)
+                             scale_dtype=self.scale_dtype, name=name, timers=self.timers, consume_weight=True,
+                             cross=cross)  # the same X~ as the paired run's, so D still pairs with it
 
 
 def _stacked(lins: list[nn.Linear]) -> torch.Tensor:

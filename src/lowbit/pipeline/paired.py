@@ -5,7 +5,8 @@ Asymmetric calibration (:mod:`lowbit.methods.gptaq`) needs, for the linears of o
 the partly-quantized model. Per calibration sample the block runs twice: once with its original
 (float) weights on the float model's block input, where hooks keep the named linears' inputs,
 then with its current weights on the quantized model's block input, where each observer gets
-``update(x~, x)``. Both runs stop after the last input needed.
+``update(x~, x)``. Both runs stop after the last input needed (except, when asked, the float run,
+which then goes on to the block's output: the float model's input of the next block).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from lowbit.pipeline.blockwise import BlockContext, _StopBlock
+from lowbit.pipeline.blockwise import BlockContext, _StopBlock, _to_home
 from lowbit.pipeline.transfer import uploads
 
 
@@ -31,9 +32,14 @@ def float_weights(ctx: BlockContext) -> dict[str, torch.Tensor]:
 
 
 def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObserver], names: list[str],
-                   weights: dict[str, torch.Tensor]) -> dict[str, PairedObserver]:
+                   weights: dict[str, torch.Tensor], float_outputs: bool = False) -> dict[str, PairedObserver]:
     """One paired run of the block per sample (float weights on ``ctx.fp_inputs``, then the current
-    weights on ``ctx.inputs``) with an observer on the inputs of each named linear."""
+    weights on ``ctx.inputs``) with an observer on the inputs of each named linear.
+
+    With ``float_outputs`` the float runs go through the whole block and their outputs, the float
+    model's inputs of the next block, are left in ``ctx.fp_outputs`` (each where its input lives):
+    no separate float forward of the block is needed.
+    """
     if ctx.fp_inputs is None:
         raise ValueError("paired statistics need the float model's block inputs (ctx.fp_inputs)")
     order = [n for n in ctx.linears if n in set(names)]  # execution order
@@ -48,7 +54,7 @@ def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObs
                 stash[name] = args[0].detach()
             else:
                 o.update(args[0], stash.pop(name))
-            if name == last:
+            if name == last and not (float_pass[0] and float_outputs):
                 raise _StopBlock
         return fn
 
@@ -59,18 +65,24 @@ def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObs
             lin.weight.data = ws[n]
 
     handles = [ctx.linears[n].register_forward_pre_hook(hook(n, o)) for n, o in obs.items()]
+    outs: list[torch.Tensor] = []
     try:
         with torch.inference_mode():  # the observers were made outside it: they stay updatable
-            for xq, xf in zip(uploads(ctx.inputs, ctx.device), uploads(ctx.fp_inputs, ctx.device), strict=True):
+            for home, xq, xf in zip(ctx.fp_inputs, uploads(ctx.inputs, ctx.device),
+                                    uploads(ctx.fp_inputs, ctx.device), strict=True):
                 for is_float, x in ((True, xf), (False, xq)):
                     float_pass[0] = is_float
                     use(weights if is_float else current)
                     try:
-                        ctx.block(x, **ctx.kwargs)
+                        y = ctx.block(x, **ctx.kwargs)
                     except _StopBlock:
-                        pass
+                        continue
+                    y = y[0] if isinstance(y, tuple) else y
+                    outs.append(_to_home(y, home.device))
     finally:
         use(current)
         for h in handles:
             h.remove()
+    if float_outputs:
+        ctx.fp_outputs = outs
     return obs
