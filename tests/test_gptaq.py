@@ -40,7 +40,7 @@ def test_shift_through_gptqs_factor_matches_the_standalone_solve(act_order):
     Hp = H.clone() if perm is None else H[perm][:, perm].contiguous()
     damp = 0.01
     _inverse_cholesky_(Hp, None, float(H.diagonal().mean()), damp, 1, "t")
-    got = shift_with_factor_(W.clone(), D, Hp, 0.25, perm, rows=7)  # row bands that do not divide out=48
+    got = shift_with_factor_(W.clone(), W @ D, Hp, 0.25, perm, rows=7)  # row bands that do not divide out=48
     torch.testing.assert_close(got, asymmetric_target_(W.clone(), H, D, 0.25, damp), atol=1e-5, rtol=1e-4)
 
 
@@ -60,7 +60,7 @@ def test_gptq_towards_the_float_output_lowers_that_error():
     sch = QuantScheme(3, 16)
     err = {}
     for alpha in (0.0, 0.5, 1.0):  # the drift here is partly noise: only its X-correlated part is recoverable
-        q, _ = gptq_quantize(W, H, sch, GPTQConfig(asym_alpha=alpha), cross=D)
+        q, _ = gptq_quantize(W, H, sch, GPTQConfig(asym_alpha=alpha), wd=W @ D)
         err[alpha] = float((Xq @ q.dequantize().T - X @ W.T).square().mean())
     assert err[1.0] < err[0.5] < err[0.0] and err[1.0] < 0.95 * err[0.0], err
     with pytest.raises(SchemeError, match="asymmetric"):

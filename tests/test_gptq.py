@@ -110,7 +110,7 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
 
     def flaky(W, H, *a, consume_hessian=False, **k):
         calls.append(consume_hessian)
-        assert (k.get("cross") is not None) == (asym > 0)
+        assert (k.get("wd") is not None) == (asym > 0)
         if len(calls) == 1:
             assert consume_hessian
             H.fill_(float("nan"))  # what a failed in-place factorisation leaves behind

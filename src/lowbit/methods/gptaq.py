@@ -56,24 +56,25 @@ def asymmetric_target_(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha:
     return W
 
 
-def shift_with_factor_(W: torch.Tensor, D: torch.Tensor, U: torch.Tensor, alpha: float,
+def shift_with_factor_(W: torch.Tensor, WD: torch.Tensor, U: torch.Tensor, alpha: float,
                        perm: torch.Tensor | None = None, rows: int = 4096) -> torch.Tensor:
-    """``W += alpha (W D) H^-1`` in place given GPTQ's factor ``U`` of the damped ``H^-1``; returns ``W``.
+    """``W += alpha (W D) H^-1`` in place given ``WD = W D (out, in)`` and GPTQ's factor ``U`` of the
+    damped ``H^-1``; returns ``W``.
 
     ``U (in, in)`` is upper with ``U^T U = (P H P^T + lambda I)^-1`` for the act-order permutation
-    ``P`` (``perm``: processing position -> original column; None for the identity). ``W`` and ``D``
-    are in the original column order; for a row band ``M = W_r D``:
+    ``P`` (``perm``: processing position -> original column; None for the identity). ``W`` and
+    ``WD`` are in the original column order; for a row band ``M`` of ``WD``:
     ``M H^-1 = ((M P^T) U^T U) P``, i.e. permute the columns, apply ``U^T`` then ``U``, permute back.
-    Peak extra memory: two ``(rows, in)`` float32 bands.
+    ``WD`` is taken rather than ``D`` so that the caller can free the ``in x in`` ``D`` before GPTQ
+    runs. Peak extra memory: two ``(rows, in)`` float32 bands.
     """
     inv = None if perm is None else torch.argsort(perm)
     for r0 in range(0, W.shape[0], rows):
-        Wr = W[r0:r0 + rows]
-        M = Wr @ D  # (rows, in), original order
+        M = WD[r0:r0 + rows].to(device=W.device, dtype=torch.float32)  # (rows, in), original order
         if perm is not None:
             M = M[:, perm]
         M = (M @ U.mT) @ U  # v H_p^-1 = (v U^T) U for row vectors v
         if inv is not None:
             M = M[:, inv]
-        Wr.add_(M, alpha=alpha)
+        W[r0:r0 + rows].add_(M, alpha=alpha)
     return W

@@ -147,7 +147,7 @@ def _inverse_cholesky_(Hw: torch.Tensor, source: Callable[[], None] | None, mean
 def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cfg: GPTQConfig = GPTQConfig(),
                   *, scale_dtype: torch.dtype = torch.float32, name: str = "layer",
                   timers: dict[str, float] | None = None, consume_hessian: bool = False,
-                  consume_weight: bool = False, cross: torch.Tensor | None = None
+                  consume_weight: bool = False, wd: torch.Tensor | None = None
                   ) -> tuple[QuantizedWeight, GPTQStats]:
     """Quantize ``weight (out, in)`` given the Hessian ``H (in, in)`` of its inputs.
 
@@ -155,8 +155,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
     ``consume_hessian`` a float32 ``H`` on ``weight``'s device is factorised in place (no second
     ``in x in`` buffer); if the factorisation then fails, :class:`HessianConsumed` asks the caller
     for a fresh ``H`` (the retry needs the original). With ``consume_weight`` a float32 ``weight``
-    is the working copy (overwritten; no second ``out x in`` float32 buffer). With ``cross``
-    ``D = (X - X~)^T X~`` (float minus quantized-model inputs, scaled like ``H``) and
+    is the working copy (overwritten; no second ``out x in`` float32 buffer). With ``wd = W D (out, in)``
+    (``D = (X - X~)^T X~``: float minus quantized-model inputs, scaled like ``H``) and
     ``cfg.asym_alpha > 0`` the target is the float model's output (:mod:`lowbit.methods.gptaq`).
     """
     out, cols = weight.shape
@@ -193,8 +193,8 @@ def gptq_quantize(weight: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, cf
     damp = _inverse_cholesky_(Hw, source, mean_diag, cfg.damp, cfg.max_damp_tries, name)
     U = Hw
     t1 = _sync_time(W.device) if timed else 0.0
-    if cross is not None and cfg.asym_alpha > 0:  # GPTAQ: aim at the float output, through GPTQ's own factor
-        shift_with_factor_(W, cross.to(device=W.device, dtype=torch.float32), U, cfg.asym_alpha, perm)
+    if wd is not None and cfg.asym_alpha > 0:  # GPTAQ: aim at the float output, through GPTQ's own factor
+        shift_with_factor_(W, wd, U, cfg.asym_alpha, perm)
         W[:, dead] = 0
 
     static: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -178,6 +178,9 @@ class GPTQMethod:
                 top_rows = o.top  # type: ignore[attr-defined]
                 del o
                 lins = [ctx.linears[n] for n in g]
+                # GPTAQ needs D only through W D (out, in): D (in, in) is freed before the solve
+                WD = None if D is None else _stacked(lins) @ D
+                del D
                 owner = solved % size
                 solved += 1
                 # the linears of a group share H: one solve over their stacked rows (rows are independent),
@@ -187,10 +190,10 @@ class GPTQMethod:
                 if owner == rank:
                     if top_rows.shape[0]:
                         qw, st = self._guarded_solve(ctx, g, lins, H, top_rows, consume=size == 1,
-                                                     cross=D)
+                                                     wd=WD)
                     else:
-                        qw, st = self._solve(ctx, g, lins, H, consume=size == 1, cross=D)
-                del H, D
+                        qw, st = self._solve(ctx, g, lins, H, consume=size == 1, wd=WD)
+                del H, WD
                 dynamic = self.config.act_order and not self.config.static_groups
                 qw = broadcast_qweight(qw, owner, shape, self.scheme,  # type: ignore[arg-type]
                                        self.scale_dtype, hdev, dynamic)
@@ -218,7 +221,7 @@ class GPTQMethod:
         return out
 
     def _guarded_solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor,
-                       top: torch.Tensor, consume: bool, cross: torch.Tensor | None = None
+                       top: torch.Tensor, consume: bool, wd: torch.Tensor | None = None
                        ) -> tuple[QuantizedWeight, GPTQStats]:
         """The clipping search kept only where it does not raise the worst error on the
         largest-norm tokens ``top (K, in)``.
@@ -232,8 +235,8 @@ class GPTQMethod:
         name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
         plain = dataclasses.replace(self.config, search=False, search_guard=0, search_power=1.0)
         q0, s0 = gptq_quantize(_stacked(lins), H, self.scheme, plain, scale_dtype=self.scale_dtype, name=name,
-                               timers=self.timers, consume_weight=True, cross=cross)
-        q1, s1 = self._solve(ctx, g, lins, H, consume=consume, cross=cross)
+                               timers=self.timers, consume_weight=True, wd=wd)
+        q1, s1 = self._solve(ctx, g, lins, H, consume=consume, wd=wd)
         W = _stacked(lins)
         x = top.to(device=W.device, dtype=torch.float32)
         worst = [float(((W - q.dequantize().to(W)) @ x.T).square().sum(0).max()) for q in (q0, q1)]
@@ -245,19 +248,19 @@ class GPTQMethod:
         return q, st
 
     def _solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor, consume: bool,
-               cross: torch.Tensor | None = None) -> tuple[QuantizedWeight, GPTQStats]:
+               wd: torch.Tensor | None = None) -> tuple[QuantizedWeight, GPTQStats]:
         """GPTQ of the stacked rows of the linears ``lins`` of group ``g``; ``H`` is factorised in
         place when ``consume``.
 
         If that factorisation fails, the retry needs the original Hessian: it is collected again
-        (one more run of the block; rare) and solved on a copy, with damping raised as usual (``cross``
-        is never consumed, and the quantized-model inputs it pairs with are the ones collected again).
+        (one more run of the block; rare) and solved on a copy, with damping raised as usual (``wd = W D``
+        is never consumed, and the quantized-model inputs D pairs with are the ones collected again).
         """
         name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
         try:
             return gptq_quantize(_stacked(lins), H, self.scheme, self.config, scale_dtype=self.scale_dtype,
                                  name=name, timers=self.timers, consume_hessian=consume, consume_weight=True,
-                                 cross=cross)
+                                 wd=wd)
         except HessianConsumed:
             log.info("%s: collecting its Hessian again to retry with more damping", name)
         del H
@@ -265,7 +268,7 @@ class GPTQMethod:
         obs = collect(ctx, lambda n, m: HessianObserver(m.in_features, hdev, self.timers), names=[g[0]])
         return gptq_quantize(_stacked(lins), obs[g[0]].H, self.scheme, self.config,  # type: ignore[attr-defined]
                              scale_dtype=self.scale_dtype, name=name, timers=self.timers, consume_weight=True,
-                             cross=cross)  # the same X~ as the paired run's, so D still pairs with it
+                             wd=wd)  # the same X~ as the paired run's, so D still pairs with it
 
 
 def _stacked(lins: list[nn.Linear]) -> torch.Tensor:
