@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_model_dir
 from lowbit.core.errors import SchemeError
 from lowbit.core.scheme import QuantScheme
-from lowbit.methods.gptaq import asymmetric_target_, shift_with_factor_
+from lowbit.methods.gptaq import asymmetric_target_, cross_product, shift_with_factor_
 from lowbit.methods.gptq import GPTQConfig, _inverse_cholesky_, gptq_quantize
 from lowbit.pipeline.gptq import GPTQMethod, HessianObserver
 from lowbit.pipeline.quantize import quantize_model
@@ -125,3 +125,21 @@ def test_paired_float_runs_leave_the_float_blocks_outputs(tmp_path):
     for got, ref in zip(ctx.fp_outputs, want, strict=True):
         torch.testing.assert_close(got, ref)
     assert obs["mlp.down_proj"].n == 3 * 16 and float(obs["mlp.down_proj"].D.abs().sum()) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the TF32 products of the shift run on CUDA only (checked on "
+                    "an H200 with the device tool); the fp32 path is covered above")
+def test_tf32_shift_matches_fp64():
+    """W D and the shift through U in TF32 stay within 1e-2 of the correction's size (fp64 reference),
+    and the caller's TF32 setting is restored."""
+    _, _, W, H, D = _pair(n=4096, inp=512, out=384, seed=3)
+    perm = torch.argsort(H.diagonal(), descending=True)
+    Hp = H[perm][:, perm].contiguous()
+    _inverse_cholesky_(Hp, None, float(H.diagonal().mean()), 0.01, 1, "t")
+    want = asymmetric_target_(W.double(), H.double(), D.double(), 0.5, 0.01)
+    before = torch.backends.cuda.matmul.fp32_precision
+    Wc = W.cuda()
+    got = shift_with_factor_(Wc.clone(), cross_product(Wc, D.cuda()), Hp.cuda(), 0.5, perm.cuda()).cpu().double()
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    corr = (want - W.double()).norm()
+    assert float((got - want).norm() / corr) < 1e-2

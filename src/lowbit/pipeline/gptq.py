@@ -20,6 +20,7 @@ from torch import nn
 
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
+from lowbit.methods.gptaq import cross_product
 from lowbit.methods.gptq import GPTQConfig, GPTQStats, HessianConsumed, gptq_quantize
 from lowbit.pipeline.blockwise import BlockContext, collect
 from lowbit.pipeline.distributed import broadcast_object, broadcast_qweight, sum_weighted, world
@@ -179,7 +180,7 @@ class GPTQMethod:
                 del o
                 lins = [ctx.linears[n] for n in g]
                 # GPTAQ needs D only through W D (out, in): D (in, in) is freed before the solve
-                WD = None if D is None else _stacked(lins) @ D
+                WD = None if D is None else cross_product(_stacked(lins), D)
                 del D
                 owner = solved % size
                 solved += 1
