@@ -185,10 +185,15 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
 
     d = make_tiny_model_dir(tmp_path / "m", "llama")
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    method = GPTQMethod(QuantScheme(4, 32))
+    method = GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.0))
     est = estimate.estimate_run(model, get_arch(model), method, 8, 64, torch.device("cpu"), rate=1e9)
     assert est.parts["hessians"] == 128 * 128 * 4  # the largest stage: down_proj's input, in = 128
     assert est.parts["activations"] == 2 * 8 * 64 * 64 * 4 and est.seconds > 0
+    # GPTAQ: D beside H, the float model's activations, a float copy of the block, two runs per stage
+    aq = estimate.estimate_run(model, get_arch(model), GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.5)),
+                               8, 64, torch.device("cpu"), rate=1e9)
+    assert aq.parts["hessians"] == 2 * est.parts["hessians"] and aq.parts["activations"] == 2 * est.parts[
+        "activations"] and aq.parts["float weights"] == est.parts["block"] and aq.seconds > est.seconds
     seq = GPTQMethod(QuantScheme(4, 32), true_sequential=False)
     assert estimate.estimate_run(model, get_arch(model), seq, 8, 64, torch.device("cpu"), 1e9).parts[
         "hessians"] == (3 * 64 * 64 + 128 * 128) * 4

@@ -8,8 +8,11 @@ Peak device memory of the block-by-block engine::
   + the working set of one forward of one sample:               T (3 I + 4 d) x 4 + heads T^2 x 4
   + statistics: GPTQ Hessians of one stage (all stages without true-sequential), in^2 x 4 each
                 (on the CPU with ``hessians_on_cpu``); imatrix vectors are negligible
+  + asymmetric calibration (GPTAQ): the float model's activations too (2 n T d x bytes more), a
+    float copy of the block's weights, and D beside each Hessian (in^2 x 4 each)
 
-Time: every block runs ``r`` forwards over ``n T`` tokens (imatrix 1, GPTQ one per stage + 1),
+Time: every block runs ``r`` forwards over ``n T`` tokens (imatrix 1, GPTQ one per stage + 1, GPTAQ
+two per stage + 1),
 ``2 P_block n T + 4 n T^2 d`` FLOPs each, plus GPTQ's solves (``in^3`` for the inverse Cholesky
 and ``2 out in^2`` for the column updates per linear), over a measured matmul rate.
 """
@@ -97,10 +100,15 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
     if isinstance(method, GPTQMethod):
         sizes = [linears[g.linears[0]].in_features ** 2 * 4 for g in spec.groups]
         hess = max(sizes) if method.true_sequential else sum(sizes)
-        runs = (len(spec.groups) if method.true_sequential else 1) + 1
+        stages = len(spec.groups) if method.true_sequential else 1
+        runs = stages + 1
+        if method.float_inputs:  # the float block runs beside the quantized one; D beside H
+            hess, acts, device_acts, runs = 2 * hess, 2 * acts, 2 * device_acts, 2 * stages + 1
     device_hess = 0 if isinstance(method, GPTQMethod) and method.hessians_on_cpu else hess
     parts = {"block": float(block_bytes), "activations": float(device_acts), "workspace": float(work),
              "hessians": float(device_hess)}
+    if isinstance(method, GPTQMethod) and method.float_inputs:
+        parts["float weights"] = float(block_bytes)
     device_bytes = int(sum(parts.values()))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cpu_bytes = model_bytes + (acts if device.type == "cpu" or offload else 0) + (hess - device_hess)
