@@ -194,7 +194,7 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
                                8, 64, torch.device("cpu"), rate=1e9)
     assert aq.parts["hessians"] == 2 * est.parts["hessians"] and aq.parts["activations"] == 2 * est.parts[
         "activations"] and aq.parts["float weights"] == est.parts["block"] and aq.seconds > est.seconds
-    seq = GPTQMethod(QuantScheme(4, 32), true_sequential=False)
+    seq = GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.0), true_sequential=False)
     assert estimate.estimate_run(model, get_arch(model), seq, 8, 64, torch.device("cpu"), 1e9).parts[
         "hessians"] == (3 * 64 * 64 + 128 * 128) * 4
     monkeypatch.setattr(estimate, "available_bytes", lambda device: 2**16)

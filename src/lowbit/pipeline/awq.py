@@ -201,6 +201,12 @@ class AWQMethod:
         if self.objective not in ("parent", "linear"):
             raise SchemeError(f"AWQ objective must be 'parent' or 'linear', got {self.objective!r}")
 
+    @property
+    def float_inputs(self) -> bool:
+        """The inner method's need (GPTQ with asymmetric calibration): the engine carries the float
+        model's block inputs; the scales AWQ folds leave the float block's output unchanged."""
+        return bool(getattr(self.inner, "float_inputs", False))
+
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         prefix = f"{ctx.spec.blocks}.{ctx.index}"
         if self.preset is None:
