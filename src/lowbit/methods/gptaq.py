@@ -94,17 +94,12 @@ def shift_with_factor_(W: torch.Tensor, WD: torch.Tensor, U: torch.Tensor, alpha
     """
     inv = None if perm is None else torch.argsort(perm)
     with _tf32():
-        _shift_bands(W, WD, U, alpha, perm, inv, rows)
+        for r0 in range(0, W.shape[0], rows):
+            M = WD[r0:r0 + rows].to(device=W.device, dtype=torch.float32)  # (rows, in), original order
+            if perm is not None:
+                M = M[:, perm]
+            M = (M @ U.mT) @ U  # v H_p^-1 = (v U^T) U for row vectors v
+            if inv is not None:
+                M = M[:, inv]
+            W[r0:r0 + rows].add_(M, alpha=alpha)
     return W
-
-
-def _shift_bands(W: torch.Tensor, WD: torch.Tensor, U: torch.Tensor, alpha: float, perm: torch.Tensor | None,
-                 inv: torch.Tensor | None, rows: int) -> None:
-    for r0 in range(0, W.shape[0], rows):
-        M = WD[r0:r0 + rows].to(device=W.device, dtype=torch.float32)  # (rows, in), original order
-        if perm is not None:
-            M = M[:, perm]
-        M = (M @ U.mT) @ U  # v H_p^-1 = (v U^T) U for row vectors v
-        if inv is not None:
-            M = M[:, inv]
-        W[r0:r0 + rows].add_(M, alpha=alpha)

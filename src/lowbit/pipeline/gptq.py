@@ -179,11 +179,11 @@ class GPTQMethod:
                 top_rows = o.top  # type: ignore[attr-defined]
                 del o
                 lins = [ctx.linears[n] for n in g]
-                # GPTAQ needs D only through W D (out, in): D (in, in) is freed before the solve
-                WD = None if D is None else cross_product(_stacked(lins), D)
-                del D
                 owner = solved % size
                 solved += 1
+                # GPTAQ needs D only through W D (out, in), on the solving rank: D (in, in) is freed before the solve
+                WD = None if D is None or owner != rank else cross_product(_stacked(lins), D)
+                del D
                 # the linears of a group share H: one solve over their stacked rows (rows are independent),
                 # written straight into the float32 working copy GPTQ consumes
                 shape = (sum(lin.out_features for lin in lins), lins[0].in_features)
