@@ -97,6 +97,7 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
     linears = block_linears(block, spec)
     hess = 0
     runs = 1 if method.needs_calibration else 0
+    float_copy = 0  # GPTAQ's float copy of the block's weights
     if isinstance(method, GPTQMethod):
         sizes = [linears[g.linears[0]].in_features ** 2 * 4 for g in spec.groups]
         hess = max(sizes) if method.true_sequential else sum(sizes)
@@ -104,11 +105,12 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
         runs = stages + 1
         if method.float_inputs:  # the float block runs beside the quantized one; D beside H
             hess, acts, device_acts, runs = 2 * hess, 2 * acts, 2 * device_acts, 2 * stages + 1
+            float_copy = block_bytes
     device_hess = 0 if isinstance(method, GPTQMethod) and method.hessians_on_cpu else hess
     parts = {"block": float(block_bytes), "activations": float(device_acts), "workspace": float(work),
              "hessians": float(device_hess)}
-    if isinstance(method, GPTQMethod) and method.float_inputs:
-        parts["float weights"] = float(block_bytes)
+    if float_copy:
+        parts["float weights"] = float(float_copy)
     device_bytes = int(sum(parts.values()))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cpu_bytes = model_bytes + (acts if device.type == "cpu" or offload else 0) + (hess - device_hess)
