@@ -56,7 +56,9 @@ def main() -> None:
     p.add_argument("--lowbit", nargs="+", default=["rtn", "gptq"],
                    help="lowbit rows: rtn, gptq and GPTQ variants joined by '-': search (H-weighted clipping "
                         "search), pX (importance (H_jj / mean)^X in that search, default 1), refit (scale refit), "
-                        "aX (asymmetric calibration, GPTAQ, strength X); e.g. gptq-search-p0.5, gptq-a0.25")
+                        "aX (asymmetric calibration, GPTAQ, strength X; bare gptq: the library default, a0: plain "
+                        "GPTQ), res (GPTAQ on the norm-fed groups only), skip (on all but down_proj); e.g. "
+                        "gptq-search-p0.5, gptq-a0.25, gptq-a0.5-skip")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
     p.add_argument("--gptqmodel", action="store_true",
                    help="also GPTQModel's GPTQ (installed in this python; bench/peers/gptqmodel_gptq.py)")
@@ -84,11 +86,14 @@ def main() -> None:
                 method = variant.split("-")[0]
                 opts = set(variant.split("-")[1:])
                 power = next((float(o[1:]) for o in opts if o.startswith("p")), 1.0)  # e.g. gptq-search-p0.5
-                asym = next((float(o[1:]) for o in opts if o.startswith("a")), 0.0)  # e.g. gptq-a0.25 (GPTAQ)
+                # e.g. gptq-a0.25 (GPTAQ at 0.25), gptq-a0 (plain GPTQ); bare gptq is the library default
+                asym = next((float(o[1:]) for o in opts if o.startswith("a")), GPTQConfig().asym_alpha)
+                # e.g. gptq-a0.5-res: q/k/v and gate/up only; gptq-a0.5-skip: all but down_proj
+                scope = "residual" if "res" in opts else "skip-last" if "skip" in opts else "all"
                 guard = next((int(o[1:]) for o in opts if o.startswith("g")), 0)  # e.g. gptq-search-g64
                 cfg = GPTQConfig(act_order=a.act_order, search=a.search or "search" in opts,
                                  refit=a.refit or "refit" in opts, search_power=power, asym_alpha=asym,
-                                 search_guard=guard)
+                                 asym_scope=scope, search_guard=guard)
                 art = out / name / f"{sname}-{variant}"
                 done = _reusable(art, cfg, method, a) if a.reuse_lowbit else None
                 if done is None:
@@ -148,6 +153,10 @@ def main() -> None:
     Console(width=200).print(table)
 
 
+#: options a recipe may predate, as they ran before they existed
+_LEGACY = {"asym_alpha": 0.0, "asym_scope": "all"}
+
+
 def _reusable(art: Path, cfg: GPTQConfig, method: str, a: argparse.Namespace) -> float | None:
     """The quantize seconds of an existing artifact made with the same method, options and
     calibration, or None when it must be made again."""
@@ -157,7 +166,8 @@ def _reusable(art: Path, cfg: GPTQConfig, method: str, a: argparse.Namespace) ->
     r = json.loads(f.read_text())
     same = (r.get("method") == method and r.get("calib_samples") == a.calib_samples
             and r.get("calib_len") == a.calib_len
-            and (method != "gptq" or all(r.get("gptq", {}).get(k) == v for k, v in asdict(cfg).items())))
+            and (method != "gptq"
+                 or all(r.get("gptq", {}).get(k, _LEGACY.get(k)) == v for k, v in asdict(cfg).items())))
     return float(r["quantize_seconds"]) if same else None
 
 

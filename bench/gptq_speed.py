@@ -204,15 +204,17 @@ def floors(cfg: Any, layers: int, n: int, t: int, rates: dict[str, float]) -> di
 # ---------------------------------------------------------------------------------- lowbit runs
 
 
-ASYM_ALPHA: float | None = None  # --asym-alpha: GPTQConfig.asym_alpha (None: the library's default)
-
-
-def gptq_config(act_order: str) -> Any:
-    """lowbit's GPTQConfig: its defaults, or with act-order forced on/off (and --asym-alpha)."""
+def gptq_config(a: argparse.Namespace) -> Any:
+    """lowbit's GPTQConfig: its defaults, with act-order forced on/off, --asym-alpha and --asym-scope
+    where given."""
     from lowbit.methods.gptq import GPTQConfig
 
-    cfg = GPTQConfig() if act_order == "default" else GPTQConfig(act_order=act_order == "on")
-    return cfg if ASYM_ALPHA is None else dataclasses.replace(cfg, asym_alpha=ASYM_ALPHA)
+    kw: dict[str, Any] = {} if a.act_order == "default" else {"act_order": a.act_order == "on"}
+    if a.asym_alpha is not None:
+        kw["asym_alpha"] = a.asym_alpha
+    if a.asym_scope is not None:
+        kw["asym_scope"] = a.asym_scope
+    return GPTQConfig(**kw)
 
 
 class TimedMethod:
@@ -248,14 +250,13 @@ class TimedMethod:
 
 
 def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, offload: bool,
-               cfg: Any, layers: int, rates: dict[str, float], timed: bool = True, act_order: str = "default"
+               cfg: Any, layers: int, rates: dict[str, float], gcfg: Any, timed: bool = True
                ) -> tuple[dict[str, Any], dict[str, Any]]:
     from lowbit.core.scheme import QuantScheme
     from lowbit.pipeline.blockwise import run_blockwise
     from lowbit.pipeline.gptq import GPTQMethod
 
     timers: dict[str, float] = {}
-    gcfg = gptq_config(act_order)
     method = TimedMethod(GPTQMethod(QuantScheme(4, 128, True), gcfg, timers=timers if timed else None), dev)
     _fresh_peak(dev)
     t0 = time.perf_counter()
@@ -302,7 +303,7 @@ def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, 
 
 
 def profile_run(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, offload: bool, path: Path,
-                act_order: str) -> None:
+                gcfg: Any) -> None:
     """One untimed lowbit run under ``torch.profiler``: the top ops by device and by host time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -313,7 +314,7 @@ def profile_run(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device,
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     if dev.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-    method = GPTQMethod(QuantScheme(4, 128, True), gptq_config(act_order))
+    method = GPTQMethod(QuantScheme(4, 128, True), gcfg)
     _fresh_peak(dev)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
@@ -570,6 +571,8 @@ def main() -> None:
                    help="lowbit GPTQConfig.act_order (default: the library's default); llm-compressor uses static")
     p.add_argument("--asym-alpha", type=float, default=None,
                    help="lowbit GPTQConfig.asym_alpha (GPTAQ strength; default: the library's default)")
+    p.add_argument("--asym-scope", default=None, choices=["all", "skip-last", "residual"],
+                   help="lowbit GPTQConfig.asym_scope (the groups GPTAQ aims; default: the library's default)")
     p.add_argument("--peer-path", default="", help="prepended to PYTHONPATH of the llm-compressor subprocess")
     p.add_argument("--work", default="/tmp/gptq_speed_work", help="scratch folder (the peer's config + tokenizer)")
     p.add_argument("--profile", action="store_true",
@@ -582,15 +585,14 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    global ASYM_ALPHA
-    ASYM_ALPHA = a.asym_alpha
+    gcfg = gptq_config(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(a.device)
     import transformers
 
     rep: dict[str, Any] = {"args": vars(a), "torch": torch.__version__, "transformers": transformers.__version__,
-                           "lowbit_gptq_config": dataclasses.asdict(gptq_config(a.act_order)),
+                           "lowbit_gptq_config": dataclasses.asdict(gcfg),
                            "python": platform.python_version(),
                            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
 
@@ -627,7 +629,7 @@ def main() -> None:
                 print(f"[capture probe] {layers} layers, {mode}: {v['seconds']:.2f} s, peak {gib(v['peak_bytes'])}, "
                       f"hidden requires_grad={v['hidden_requires_grad']}", flush=True)
         if a.profile and layers == a.lowbit_layers_small:
-            profile_run(model, tokens, dev, modes[-1], out / "gptq_profile.txt", a.act_order)
+            profile_run(model, tokens, dev, modes[-1], out / "gptq_profile.txt", gcfg)
         runs = [(off, True) for off in modes] + ([(modes[0], False)] if untimed_too else [])
         last = 0.0
         for k, (off, timed) in enumerate(runs):
@@ -638,7 +640,7 @@ def main() -> None:
                 rep.setdefault("skipped", []).append({"layers": layers, "offload": off, "timers": timed})
                 save()
                 continue
-            rec, result = run_lowbit(model, tokens, dev, off, cfg, layers, rates, timed=timed, act_order=a.act_order)
+            rec, result = run_lowbit(model, tokens, dev, off, cfg, layers, rates, gcfg, timed=timed)
             last = rec["total_s"]
             rec["build_s"] = tb
             rec["note"] = "weights already fake-quantized by the previous run" if k else "fresh random weights"

@@ -8,7 +8,8 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.formats import compressed_tensors as ct
 from lowbit.methods.gptq import GPTQConfig, HessianConsumed, gptq_quantize
 from lowbit.methods.rtn import quantize_rtn
-from lowbit.pipeline.gptq import GPTQMethod, HessianObserver
+from lowbit.pipeline.gptq import GPTQMethod
+from lowbit.pipeline.hessian import HessianObserver
 from lowbit.pipeline.quantize import quantize_model
 
 
@@ -180,7 +181,7 @@ def test_act_order_g_idx_round_trips_through_the_format(tmp_path):
 def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
     from lowbit.core.errors import LowbitError
     from lowbit.jobs import quantize
-    from lowbit.models.archs import get_arch
+    from lowbit.models.archs import block_linears, get_arch, get_blocks
     from lowbit.pipeline import estimate
 
     d = make_tiny_model_dir(tmp_path / "m", "llama")
@@ -192,8 +193,21 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
     # GPTAQ: D beside H, the float model's activations, a float copy of the block, two runs per stage
     aq = estimate.estimate_run(model, get_arch(model), GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.5)),
                                8, 64, torch.device("cpu"), rate=1e9)
+    lins = block_linears(get_blocks(model, get_arch(model))[0], get_arch(model))
+
+    def nbytes(*names: str) -> int:
+        return sum(lins[n].weight.numel() * lins[n].weight.element_size() for n in names)
+
+    attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
     assert aq.parts["hessians"] == 2 * est.parts["hessians"] and aq.parts["activations"] == 2 * est.parts[
-        "activations"] and aq.parts["float weights"] == est.parts["block"] and aq.seconds > est.seconds
+        "activations"] and aq.seconds > est.seconds
+    # float copies of what is quantized before the last paired stage: all but down_proj
+    assert aq.parts["float weights"] == nbytes(*attn, "mlp.gate_proj", "mlp.up_proj")
+    # all but down_proj: its stage holds H alone, as plain GPTQ's does; the copies shrink to the attention
+    sk = estimate.estimate_run(model, get_arch(model), GPTQMethod(QuantScheme(4, 32), GPTQConfig(
+        asym_scope="skip-last")), 8, 64, torch.device("cpu"), rate=1e9)
+    assert sk.parts["hessians"] == est.parts["hessians"] and sk.parts["float weights"] == nbytes(*attn)
+    assert est.seconds < sk.seconds < aq.seconds
     seq = GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.0), true_sequential=False)
     assert estimate.estimate_run(model, get_arch(model), seq, 8, 64, torch.device("cpu"), 1e9).parts[
         "hessians"] == (3 * 64 * 64 + 128 * 128) * 4

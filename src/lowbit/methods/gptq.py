@@ -50,6 +50,11 @@ from lowbit.methods.rtn import fit_groups, fit_params
 log = logging.getLogger(__name__)
 
 
+#: groups aimed at the float model's output under asymmetric calibration: every group; every group but
+#: the block's last (the MLP's down projection); or only those fed by a norm of the residual stream
+ASYM_SCOPES = ("all", "skip-last", "residual")
+
+
 @dataclass(frozen=True)
 class GPTQConfig:
     """Options of GPTQ (defaults follow llm-compressor: damp 0.01, blocks of 128, act-order with
@@ -68,6 +73,10 @@ class GPTQConfig:
     # > 0: asymmetric calibration towards the float model's outputs (gptaq), this strength; 0 = plain GPTQ.
     # 0.5 by default: it met the quality targets in all four bench cells (README, bench/results)
     asym_alpha: float = 0.5
+    # which groups of linears get the asymmetric target (ASYM_SCOPES): "all"; "skip-last": not the block's
+    # last (down_proj: the widest input, whose float input needs the float run of the whole block before
+    # it and whose D is the largest); "residual": only the norm-fed groups (q/k/v, gate/up)
+    asym_scope: str = "all"
     search_guard: int = 0  # > 0 (with search): keep the search per layer only if it does not raise the worst
     # error on the search_guard largest-norm calibration tokens (pipeline.gptq.GPTQMethod._guarded_solve)
 
@@ -85,6 +94,9 @@ class GPTQConfig:
             raise SchemeError(f"GPTQ search power must be >= 0, got {self.search_power}")
         if not 0 <= self.asym_alpha <= 1:
             raise SchemeError(f"GPTQ asymmetric calibration strength must be in [0, 1], got {self.asym_alpha}")
+        if self.asym_scope not in ASYM_SCOPES:
+            raise SchemeError(f"GPTQ asymmetric calibration scope must be one of {', '.join(ASYM_SCOPES)}, "
+                              f"got {self.asym_scope!r}")
 
 
 @dataclass

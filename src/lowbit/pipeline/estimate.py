@@ -8,11 +8,12 @@ Peak device memory of the block-by-block engine::
   + the working set of one forward of one sample:               T (3 I + 4 d) x 4 + heads T^2 x 4
   + statistics: GPTQ Hessians of one stage (all stages without true-sequential), in^2 x 4 each
                 (on the CPU with ``hessians_on_cpu``); imatrix vectors are negligible
-  + asymmetric calibration (GPTAQ): the float model's activations too (2 n T d x bytes more), a
-    float copy of the block's weights, and D beside each Hessian (in^2 x 4 each)
+  + asymmetric calibration (GPTAQ): the float model's activations too (2 n T d x bytes more), float
+    copies of the linears quantized before the last paired stage, and D beside the Hessian of each
+    group aimed at the float output (in^2 x 4 each)
 
 Time: every block runs ``r`` forwards over ``n T`` tokens (imatrix 1, GPTQ one per stage + 1, GPTAQ
-two per stage + 1),
+one more per paired stage),
 ``2 P_block n T + 4 n T^2 d`` FLOPs each, plus GPTQ's solves (``in^3`` for the inverse Cholesky
 and ``2 out in^2`` for the column updates per linear), over a measured matmul rate.
 """
@@ -29,7 +30,7 @@ from torch import nn
 from lowbit.core.errors import LowbitError
 from lowbit.models.archs import ArchSpec, block_linears, get_blocks
 from lowbit.pipeline.blockwise import BlockMethod
-from lowbit.pipeline.gptq import GPTQMethod
+from lowbit.pipeline.gptq import GPTQMethod, Stage
 
 log = logging.getLogger(__name__)
 GiB = 2**30
@@ -97,15 +98,19 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
     linears = block_linears(block, spec)
     hess = 0
     runs = 1 if method.needs_calibration else 0
-    float_copy = 0  # GPTAQ's float copy of the block's weights
+    float_copy = 0  # GPTAQ's float copies of the linears quantized before its last paired stage
     if isinstance(method, GPTQMethod):
-        sizes = [linears[g.linears[0]].in_features ** 2 * 4 for g in spec.groups]
-        hess = max(sizes) if method.true_sequential else sum(sizes)
-        stages = len(spec.groups) if method.true_sequential else 1
-        runs = stages + 1
-        if method.float_inputs:  # the float block runs beside the quantized one; D beside H
-            hess, acts, device_acts, runs = 2 * hess, 2 * acts, 2 * device_acts, 2 * stages + 1
-            float_copy = block_bytes
+        stages, copies = method.plan(spec)
+
+        def stats(st: Stage) -> int:  # H of each group of the stage, and D beside it where aimed at the float
+            return sum(linears[g[0]].in_features ** 2 * 4 * (2 if g[0] in st.asym else 1) for g in st.groups)
+
+        hess = max(stats(st) for st in stages)
+        paired = sum(1 for st in stages if st.asym or st.float_outputs)
+        runs = len(stages) + paired + 1
+        if method.float_inputs:  # the float block runs beside the quantized one, with copies of what changed
+            acts, device_acts = 2 * acts, 2 * device_acts
+            float_copy = sum(linears[n].weight.numel() * linears[n].weight.element_size() for n in copies)
     device_hess = 0 if isinstance(method, GPTQMethod) and method.hessians_on_cpu else hess
     parts = {"block": float(block_bytes), "activations": float(device_acts), "workspace": float(work),
              "hessians": float(device_hess)}

@@ -11,96 +11,36 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from lowbit.core.errors import SchemeError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods.gptaq import cross_product
 from lowbit.methods.gptq import GPTQConfig, GPTQStats, HessianConsumed, gptq_quantize
+from lowbit.models.archs import ArchSpec
 from lowbit.pipeline.blockwise import BlockContext, collect
 from lowbit.pipeline.distributed import broadcast_object, broadcast_qweight, sum_weighted, world
+from lowbit.pipeline.hessian import HessianObserver, tick, tock
 from lowbit.pipeline.paired import collect_paired, float_weights
-from lowbit.pipeline.transfer import to_host_async
+from lowbit.pipeline.transfer import HostCopier, to_host_async
 
 log = logging.getLogger(__name__)
 
 
-class HessianObserver:
-    """``H = 2/n sum_t x_t x_t^T`` over every token ``x_t (in,)`` seen, in float32.
+@dataclass(frozen=True)
+class Stage:
+    """One run of a block (two, paired, under asymmetric calibration) and the groups solved after it."""
 
-    Tokens are summed unscaled (one fused ``S += X^T X`` per batch, no rescaling pass over the
-    ``in x in`` buffer) and ``H`` scales the sum by ``2/n`` in place, once, when first read. Kept
-    on ``device`` (the block's device, or the CPU to save accelerator memory). On CUDA, 16-bit
-    activations are multiplied as they are with float32 accumulation (exact products, tensor-core
-    speed); elsewhere they are upcast to float32 first.
-    """
-
-    def __init__(self, in_features: int, device: torch.device | str, timers: dict[str, float] | None = None,
-                 cross: bool = False, keep_top: int = 0) -> None:
-        self._S = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        # with ``keep_top`` = K: the K tokens of largest norm seen, ``top (K, in)`` float32 (massive
-        # activations, attention sinks: what a mean-squared objective weighs least)
-        self.keep_top = keep_top
-        self.top = torch.zeros(0, in_features, dtype=torch.float32, device=device)
-        # with ``cross``: also D = 2/n sum_t (x_float_t - x_t) x_t^T, paired with the float model's inputs
-        self._C = torch.zeros_like(self._S) if cross else None
-        self.n = 0
-        self.timers = timers
-        self._final = False
-
-    def update(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
-        if self._final:
-            raise RuntimeError("HessianObserver.update after H was read")
-        t0 = _tick(self.timers, self._S.device)
-        x = x.detach().reshape(-1, x.shape[-1])
-        self.n += x.shape[0]
-        fused = x.device.type == "cuda" and self._S.device.type == "cuda" and x.dtype in (torch.bfloat16,
-                                                                                          torch.float16)
-        # the inputs on the device of _S (and _C): half precision for the fused products, else fp32
-        xx = x.to(self._S.device) if fused else x.to(device=self._S.device, dtype=torch.float32)
-        if self._C is not None:
-            if x_float is None:
-                raise ValueError("this observer accumulates D: pass the float model's inputs too")
-            xf = x_float.detach().reshape(-1, x.shape[-1])
-            if fused and xf.dtype == x.dtype:
-                # the difference of two half-precision values is rounded relative to itself, so it keeps
-                # its digits; products in half precision, sums in fp32 (as for H)
-                dd = xf.to(self._C.device) - xx
-                torch.addmm(self._C, dd.T, xx, out_dtype=torch.float32, out=self._C)
-            else:
-                xq = xx.float()
-                self._C.addmm_((xf.to(device=self._C.device, dtype=torch.float32) - xq).T, xq)
-        if fused:
-            torch.addmm(self._S, xx.T, xx, out_dtype=torch.float32, out=self._S)
-        else:
-            self._S.addmm_(xx.T, xx)
-        if self.keep_top:
-            rows = x.to(device=self.top.device, dtype=torch.float32)
-            rows = rows[rows.norm(dim=1).topk(min(self.keep_top, rows.shape[0])).indices]
-            both = torch.cat([self.top, rows])
-            self.top = both[both.norm(dim=1).topk(min(self.keep_top, both.shape[0])).indices]
-        _tock(self.timers, "hessian", t0, self._S.device)
-
-    @property
-    def H(self) -> torch.Tensor:
-        """The Hessian (scaled in place on first read; no update after)."""
-        if not self._final:
-            self._S.mul_(2.0 / max(self.n, 1))
-            if self._C is not None:
-                self._C.mul_(2.0 / max(self.n, 1))
-            self._final = True
-        return self._S
-
-    @property
-    def D(self) -> torch.Tensor | None:
-        """``D = 2/n (X_float - X)^T X`` (scaled on first read, like ``H``), or None."""
-        _ = self.H
-        return self._C
+    groups: tuple[tuple[str, ...], ...]  # groups of linears sharing an input, in execution order
+    asym: frozenset[str]  # first linears of the groups aimed at the float model's output (D collected)
+    float_outputs: bool  # the float runs go on to the block's output (the last paired stage)
 
 
 def _own(t: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -111,22 +51,10 @@ def _own(t: torch.Tensor, shared: bool) -> torch.Tensor:
     return t.clone() if shared else t
 
 
-def _tick(timers: dict[str, float] | None, device: torch.device) -> float:
-    if timers is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def _tock(timers: dict[str, float] | None, key: str, t0: float, device: torch.device) -> None:
-    """Add the seconds since ``t0`` to ``timers[key]``; on CUDA also the peak memory allocated since
-    the previous tock to ``timers["peak:" + key]`` (the device's peak counter restarts here)."""
-    if timers is not None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            pk = f"peak:{key}"
-            timers[pk] = max(timers.get(pk, 0.0), float(torch.cuda.max_memory_allocated(device)))
-            torch.cuda.reset_peak_memory_stats(device)
-        timers[key] = timers.get(key, 0.0) + time.perf_counter() - t0
+def _to_host(q: QuantizedWeight, shared: bool) -> QuantizedWeight:
+    """``q`` with its tensors in host memory of their own (:func:`_own`)."""
+    return QuantizedWeight(_own(q.codes, shared), _own(q.scales, shared), _own(q.zeros, shared), q.scheme,
+                           None if q.g_idx is None else _own(q.g_idx, shared))
 
 
 @dataclass
@@ -146,80 +74,119 @@ class GPTQMethod:
         """Asymmetric calibration: the engine also carries the float model's block inputs."""
         return self.config.asym_alpha > 0
 
+    def plan(self, spec: ArchSpec) -> tuple[list[Stage], tuple[str, ...]]:
+        """The runs of one block, in order, and the linears whose float weights must be copied.
+
+        True-sequential: one stage per group (one stage for all without it). Under asymmetric
+        calibration a stage holding an in-scope group runs paired (float and quantized passes); the
+        last paired stage's float runs go on to the block's output (the float model's next input),
+        so only the linears quantized *before* it need a float copy (the others are still float
+        when it runs). ``asym_scope="skip-last"`` leaves out the last group (down_proj): no D
+        ``(inter, inter)`` and no float run up to it, so its stage costs what plain GPTQ's does;
+        ``"residual"`` keeps only the norm-fed groups (q/k/v, gate/up).
+        """
+        groups = [g.linears for g in spec.groups]
+        stage_groups = [[g] for g in groups] if self.true_sequential else [groups]
+        asym: set[str] = set()
+        if self.float_inputs:
+            scope = self.config.asym_scope
+            asym = {g.linears[0] for i, g in enumerate(spec.groups)
+                    if scope == "all" or (scope == "skip-last" and i < len(spec.groups) - 1)
+                    or (scope == "residual" and g.prev not in spec.linears)}
+            if not asym:
+                raise SchemeError(f"{spec.name}: asymmetric calibration with scope {scope!r} leaves no group of "
+                                  "linears to aim at the float output; use scope 'all'")
+        paired = [i for i, sg in enumerate(stage_groups) if any(g[0] in asym for g in sg)]
+        last = paired[-1] if paired else -1
+        stages = [Stage(tuple(tuple(g) for g in sg), frozenset(g[0] for g in sg if g[0] in asym), i == last)
+                  for i, sg in enumerate(stage_groups)]
+        copies = tuple(n for sg in stage_groups[:max(last, 0)] for g in sg for n in g)
+        return stages, copies
+
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
-        groups = [g.linears for g in ctx.spec.groups]
-        stages = groups if self.true_sequential else [tuple(n for g in groups for n in g)]
-        out: dict[str, QuantizedWeight] = {}
+        stages, copies = self.plan(ctx.spec)
         rank, size = world()
         solved = 0
-        fw = None
-        if self.float_inputs:  # the float block's weights and outputs, before anything is quantized
+        fw: dict[str, torch.Tensor] | None = None
+        if self.float_inputs:  # float copies of the linears quantized before the last paired run
             assert ctx.fp_inputs is not None
-            fw = float_weights(ctx)  # the float block's outputs come from the last stage's float runs
+            fw = float_weights(ctx, copies)
         top = self.config.search_guard if self.config.search else 0  # tokens kept for the search guard
-        for stage in stages:
-            firsts = [g[0] for g in groups if g[0] in stage]
-            t0 = _tick(self.timers, ctx.device)
-            obs: dict[str, Any]
-            if fw is None:
-                obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers, keep_top=top),
-                              names=firsts)
+        # results go to the host from a background thread: the pinned allocations (about a byte per weight)
+        # and the copies leave the main thread, which goes on with the next stage; joined at the end
+        copier = HostCopier(ctx.device)
+        pending: dict[str, Future[QuantizedWeight]] = {}
+        try:
+            for stage in stages:
+                t0 = tick(self.timers, ctx.device)
+                firsts = [g[0] for g in stage.groups]
+                obs: dict[str, Any]
+                if not stage.asym and not stage.float_outputs:
+                    obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers,
+                                                                      keep_top=top), names=firsts)
+                else:
+                    assert fw is not None
+
+                    def paired(n: str, lin: nn.Linear, asym: frozenset[str] = stage.asym) -> HessianObserver:
+                        return HessianObserver(lin.in_features, hdev, self.timers, cross=n in asym, keep_top=top)
+
+                    obs = collect_paired(ctx, paired, firsts, fw, float_outputs=stage.float_outputs)
+                    if stage.float_outputs:
+                        fw = None  # no later stage runs the float block
+                tock(self.timers, "forward+hessian", t0, ctx.device)
+                for g in stage.groups:
+                    # popped, not held here: _solve_group frees D before the solve and H after it
+                    self._solve_group(ctx, g, cast(HessianObserver, obs.pop(g[0])), hdev, solved % size,
+                                      copier, pending)
+                    solved += 1
+                del obs
+        finally:
+            copier.close()
+        return {n: f.result() for n, f in pending.items()}
+
+    def _solve_group(self, ctx: BlockContext, g: tuple[str, ...], o: HessianObserver, hdev: torch.device,
+                     owner: int, copier: HostCopier, pending: dict[str, Future[QuantizedWeight]]) -> None:
+        """GPTQ of group ``g`` from its observer ``o`` (on rank ``owner``, broadcast to the others); the
+        dequantized weights written back, the results queued on ``copier`` for the host."""
+        rank, size = world()
+        H, _ = sum_weighted(o.H, o.n)
+        D = None if o.D is None else sum_weighted(o.D, o.n)[0]
+        top_rows = o.top
+        del o
+        lins = [ctx.linears[n] for n in g]
+        # GPTAQ needs D only through W D (out, in), on the solving rank: D (in, in) is freed before the solve
+        WD = None if D is None or owner != rank else cross_product(_stacked(lins), D)
+        del D
+        # the linears of a group share H: one solve over their stacked rows (rows are independent),
+        # written straight into the float32 working copy GPTQ consumes
+        shape = (sum(lin.out_features for lin in lins), lins[0].in_features)
+        qw, st = None, None
+        if owner == rank:
+            if top_rows.shape[0]:
+                qw, st = self._guarded_solve(ctx, g, lins, H, top_rows, consume=size == 1, wd=WD)
             else:
-                obs = collect_paired(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers,
-                                                                         cross=True, keep_top=top), firsts, fw,
-                                     float_outputs=stage is stages[-1])
-            _tock(self.timers, "forward+hessian", t0, ctx.device)
-            for g in groups:
-                if g[0] not in stage:
-                    continue
-                o = obs.pop(g[0])  # the Hessian is freed once solved, before the write-back
-                H, _ = sum_weighted(o.H, o.n)  # type: ignore[attr-defined]
-                D = None if fw is None else sum_weighted(o.D, o.n)[0]  # type: ignore[attr-defined]
-                top_rows = o.top  # type: ignore[attr-defined]
-                del o
-                lins = [ctx.linears[n] for n in g]
-                owner = solved % size
-                solved += 1
-                # GPTAQ needs D only through W D (out, in), on the solving rank: D (in, in) is freed before the solve
-                WD = None if D is None or owner != rank else cross_product(_stacked(lins), D)
-                del D
-                # the linears of a group share H: one solve over their stacked rows (rows are independent),
-                # written straight into the float32 working copy GPTQ consumes
-                shape = (sum(lin.out_features for lin in lins), lins[0].in_features)
-                qw, st = None, None
-                if owner == rank:
-                    if top_rows.shape[0]:
-                        qw, st = self._guarded_solve(ctx, g, lins, H, top_rows, consume=size == 1,
-                                                     wd=WD)
-                    else:
-                        qw, st = self._solve(ctx, g, lins, H, consume=size == 1, wd=WD)
-                del H, WD
-                dynamic = self.config.act_order and not self.config.static_groups
-                qw = broadcast_qweight(qw, owner, shape, self.scheme,  # type: ignore[arg-type]
-                                       self.scale_dtype, hdev, dynamic)
-                st = broadcast_object(st, owner)  # type: ignore[assignment]
-                assert isinstance(st, GPTQStats) and st.row_loss is not None
-                r0 = 0
-                t0 = _tick(self.timers, ctx.device)
-                for n, lin in zip(g, lins, strict=True):
-                    r1 = r0 + lin.out_features
-                    part = qw if len(g) == 1 else QuantizedWeight(
-                        qw.codes[r0:r1], qw.scales[r0:r1], qw.zeros[r0:r1], qw.scheme, qw.g_idx)
-                    part.dequantize_into(lin.weight.data)
-                    # results leave the device at once (later stages' peaks hold no codes); row slices
-                    # are contiguous, so each linear gets host tensors of its own without a device clone
-                    shared = len(g) > 1
-                    out[n] = QuantizedWeight(_own(part.codes, shared), _own(part.scales, shared),
-                                             _own(part.zeros, shared), qw.scheme,
-                                             None if qw.g_idx is None else _own(qw.g_idx, shared))
-                    self.stats[f"{ctx.spec.blocks}.{ctx.index}.{n}"] = GPTQStats(
-                        float(st.row_loss[r0:r1].sum()), st.damp, st.dead_columns, searched=st.searched)
-                    r0 = r1
-                del qw, part  # not held through the next stage's forward
-                _tock(self.timers, "write-back", t0, ctx.device)
-            del obs
-        return out
+                qw, st = self._solve(ctx, g, lins, H, consume=size == 1, wd=WD)
+        del H, WD
+        dynamic = self.config.act_order and not self.config.static_groups
+        qw = broadcast_qweight(qw, owner, shape, self.scheme,  # type: ignore[arg-type]
+                               self.scale_dtype, hdev, dynamic)
+        st = broadcast_object(st, owner)  # type: ignore[assignment]
+        assert isinstance(st, GPTQStats) and st.row_loss is not None
+        r0 = 0
+        t0 = tick(self.timers, ctx.device)
+        for n, lin in zip(g, lins, strict=True):
+            r1 = r0 + lin.out_features
+            part = qw if len(g) == 1 else QuantizedWeight(
+                qw.codes[r0:r1], qw.scales[r0:r1], qw.zeros[r0:r1], qw.scheme, qw.g_idx)
+            part.dequantize_into(lin.weight.data)
+            # results leave the device at once (later stages' peaks hold no codes); row slices are
+            # contiguous, so each linear gets host tensors of its own without a device clone
+            pending[n] = copier.submit(partial(_to_host, part, len(g) > 1))
+            self.stats[f"{ctx.spec.blocks}.{ctx.index}.{n}"] = GPTQStats(
+                float(st.row_loss[r0:r1].sum()), st.damp, st.dead_columns, searched=st.searched)
+            r0 = r1
+        tock(self.timers, "write-back", t0, ctx.device)
 
     def _guarded_solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor,
                        top: torch.Tensor, consume: bool, wd: torch.Tensor | None = None

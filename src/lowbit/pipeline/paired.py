@@ -11,7 +11,7 @@ which then goes on to the block's output: the float model's input of the next bl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import torch
@@ -26,15 +26,18 @@ class PairedObserver(Protocol):
         """Take a batch of inputs ``x (..., in)`` of one linear and the float model's ``x_float``."""
 
 
-def float_weights(ctx: BlockContext) -> dict[str, torch.Tensor]:
-    """Copies of the block's linear weights before any is quantized."""
-    return {n: lin.weight.detach().clone() for n, lin in ctx.linears.items()}
+def float_weights(ctx: BlockContext, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Copies of the weights of the linears ``names`` (default: all) before any is quantized; the
+    float runs of :func:`collect_paired` take the others' current weights (still float)."""
+    keep = set(ctx.linears) if names is None else set(names)
+    return {n: lin.weight.detach().clone() for n, lin in ctx.linears.items() if n in keep}
 
 
 def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObserver], names: list[str],
                    weights: dict[str, torch.Tensor], float_outputs: bool = False) -> dict[str, PairedObserver]:
     """One paired run of the block per sample (float weights on ``ctx.fp_inputs``, then the current
-    weights on ``ctx.inputs``) with an observer on the inputs of each named linear.
+    weights on ``ctx.inputs``) with an observer on the inputs of each named linear. ``weights`` holds
+    the float weights of the linears already quantized; the others' current weights are float.
 
     With ``float_outputs`` the float runs go through the whole block and their outputs, the float
     model's inputs of the next block, are left in ``ctx.fp_outputs`` (each where its input lives):
@@ -59,6 +62,7 @@ def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObs
         return fn
 
     current = {n: lin.weight.data for n, lin in ctx.linears.items()}
+    floats = {n: weights.get(n, w) for n, w in current.items()}
 
     def use(ws: dict[str, torch.Tensor]) -> None:
         for n, lin in ctx.linears.items():
@@ -72,7 +76,7 @@ def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObs
                                     uploads(ctx.fp_inputs, ctx.device), strict=True):
                 for is_float, x in ((True, xf), (False, xq)):
                     float_pass[0] = is_float
-                    use(weights if is_float else current)
+                    use(floats if is_float else current)
                     try:
                         y = ctx.block(x, **ctx.kwargs)
                     except _StopBlock:
