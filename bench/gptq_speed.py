@@ -573,6 +573,8 @@ def main() -> None:
                    help="lowbit GPTQConfig.asym_alpha (GPTAQ strength; default: the library's default)")
     p.add_argument("--asym-scope", default=None, choices=["all", "skip-last", "residual"],
                    help="lowbit GPTQConfig.asym_scope (the groups GPTAQ aims; default: the library's default)")
+    p.add_argument("--untimed-only", action="store_true",
+                   help="lowbit runs without the phase timers only (the total and the peak, no phase table)")
     p.add_argument("--peer-path", default="", help="prepended to PYTHONPATH of the llm-compressor subprocess")
     p.add_argument("--work", default="/tmp/gptq_speed_work", help="scratch folder (the peer's config + tokenizer)")
     p.add_argument("--profile", action="store_true",
@@ -631,6 +633,8 @@ def main() -> None:
         if a.profile and layers == a.lowbit_layers_small:
             profile_run(model, tokens, dev, modes[-1], out / "gptq_profile.txt", gcfg)
         runs = [(off, True) for off in modes] + ([(modes[0], False)] if untimed_too else [])
+        if a.untimed_only:  # the runs that count: no phase timers (they synchronise after every phase)
+            runs = [(off, False) for off in modes]
         last = 0.0
         for k, (off, timed) in enumerate(runs):
             left = a.time_budget - (time.perf_counter() - t_all)

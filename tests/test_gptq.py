@@ -127,13 +127,18 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
     assert all(torch.isfinite(lin.weight).all() for lin in model.modules() if isinstance(lin, torch.nn.Linear))
 
 
-def test_group_results_own_their_host_storage(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the background device-to-host copies run on CUDA only (checked on an "
+    "H200 with the device tool)"))])
+def test_group_results_own_their_host_storage(tmp_path, device):
     """q/k/v (and gate/up) are solved stacked; each linear's result must be a tensor of its own
-    (safetensors refuses shared storage) and the layer weights are left untouched until write-back."""
+    (safetensors refuses shared storage), on the host (on CUDA: copied there from a background
+    thread) and equal to the weights written back into the layer."""
     d = make_tiny_model_dir(tmp_path / "m", "llama")
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(2))
-    qws = quantize_model(model, QuantScheme(4, 32), GPTQMethod(QuantScheme(4, 32)), tokens=ids, progress=False)
+    qws = quantize_model(model, QuantScheme(4, 32), GPTQMethod(QuantScheme(4, 32)), tokens=ids, progress=False,
+                         device=device, offload_activations=device == "cuda")
     ptrs = [t.untyped_storage().data_ptr() for q in qws.values() for t in (q.codes, q.scales, q.zeros)]
     assert len(set(ptrs)) == len(ptrs)
     for name, q in qws.items():
