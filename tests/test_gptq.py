@@ -128,7 +128,7 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the background device-to-host copies run on CUDA only (checked on an "
+    not torch.cuda.is_available(), reason="the device-to-host copies of the results run on CUDA only (checked on an "
     "H200 with the device tool)"))])
 def test_group_results_own_their_host_storage(tmp_path, device):
     """q/k/v (and gate/up) are solved stacked; each linear's result must be a tensor of its own

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, cast
 
 import torch
@@ -29,7 +27,7 @@ from lowbit.pipeline.blockwise import BlockContext, collect
 from lowbit.pipeline.distributed import broadcast_object, broadcast_qweight, sum_weighted, world
 from lowbit.pipeline.hessian import HessianObserver, tick, tock
 from lowbit.pipeline.paired import collect_paired, float_weights
-from lowbit.pipeline.transfer import HostCopier, to_host_async
+from lowbit.pipeline.transfer import to_host_async
 
 log = logging.getLogger(__name__)
 
@@ -106,49 +104,42 @@ class GPTQMethod:
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
         stages, copies = self.plan(ctx.spec)
-        rank, size = world()
+        size = world()[1]
         solved = 0
         fw: dict[str, torch.Tensor] | None = None
         if self.float_inputs:  # float copies of the linears quantized before the last paired run
             assert ctx.fp_inputs is not None
             fw = float_weights(ctx, copies)
         top = self.config.search_guard if self.config.search else 0  # tokens kept for the search guard
-        # results go to the host from a background thread: the pinned allocations (about a byte per weight)
-        # and the copies leave the main thread, which goes on with the next stage; joined at the end
-        copier = HostCopier(ctx.device)
-        pending: dict[str, Future[QuantizedWeight]] = {}
-        try:
-            for stage in stages:
-                t0 = tick(self.timers, ctx.device)
-                firsts = [g[0] for g in stage.groups]
-                obs: dict[str, Any]
-                if not stage.asym and not stage.float_outputs:
-                    obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers,
-                                                                      keep_top=top), names=firsts)
-                else:
-                    assert fw is not None
+        out: dict[str, QuantizedWeight] = {}
+        for stage in stages:
+            t0 = tick(self.timers, ctx.device)
+            firsts = [g[0] for g in stage.groups]
+            obs: dict[str, Any]
+            if not stage.asym and not stage.float_outputs:
+                obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers,
+                                                                  keep_top=top), names=firsts)
+            else:
+                assert fw is not None
 
-                    def paired(n: str, lin: nn.Linear, asym: frozenset[str] = stage.asym) -> HessianObserver:
-                        return HessianObserver(lin.in_features, hdev, self.timers, cross=n in asym, keep_top=top)
+                def paired(n: str, lin: nn.Linear, asym: frozenset[str] = stage.asym) -> HessianObserver:
+                    return HessianObserver(lin.in_features, hdev, self.timers, cross=n in asym, keep_top=top)
 
-                    obs = collect_paired(ctx, paired, firsts, fw, float_outputs=stage.float_outputs)
-                    if stage.float_outputs:
-                        fw = None  # no later stage runs the float block
-                tock(self.timers, "forward+hessian", t0, ctx.device)
-                for g in stage.groups:
-                    # popped, not held here: _solve_group frees D before the solve and H after it
-                    self._solve_group(ctx, g, cast(HessianObserver, obs.pop(g[0])), hdev, solved % size,
-                                      copier, pending)
-                    solved += 1
-                del obs
-        finally:
-            copier.close()
-        return {n: f.result() for n, f in pending.items()}
+                obs = collect_paired(ctx, paired, firsts, fw, float_outputs=stage.float_outputs)
+                if stage.float_outputs:
+                    fw = None  # no later stage runs the float block
+            tock(self.timers, "forward+hessian", t0, ctx.device)
+            for g in stage.groups:
+                # popped, not held here: _solve_group frees D before the solve and H after it
+                self._solve_group(ctx, g, cast(HessianObserver, obs.pop(g[0])), hdev, solved % size, out)
+                solved += 1
+            del obs
+        return out
 
     def _solve_group(self, ctx: BlockContext, g: tuple[str, ...], o: HessianObserver, hdev: torch.device,
-                     owner: int, copier: HostCopier, pending: dict[str, Future[QuantizedWeight]]) -> None:
+                     owner: int, out: dict[str, QuantizedWeight]) -> None:
         """GPTQ of group ``g`` from its observer ``o`` (on rank ``owner``, broadcast to the others); the
-        dequantized weights written back, the results queued on ``copier`` for the host."""
+        dequantized weights written back, the results put in ``out`` (host tensors)."""
         rank, size = world()
         H, _ = sum_weighted(o.H, o.n)
         D = None if o.D is None else sum_weighted(o.D, o.n)[0]
@@ -181,8 +172,10 @@ class GPTQMethod:
                 qw.codes[r0:r1], qw.scales[r0:r1], qw.zeros[r0:r1], qw.scheme, qw.g_idx)
             part.dequantize_into(lin.weight.data)
             # results leave the device at once (later stages' peaks hold no codes); row slices are
-            # contiguous, so each linear gets host tensors of its own without a device clone
-            pending[n] = copier.submit(partial(_to_host, part, len(g) > 1))
+            # contiguous, so each linear gets host tensors of its own without a device clone. (Copying them
+            # from a background thread instead made the H200 runs about 11 s slower, measured; likely the
+            # pinned allocations there contend for the GIL with the main thread's kernel launches.)
+            out[n] = _to_host(part, len(g) > 1)
             self.stats[f"{ctx.spec.blocks}.{ctx.index}.{n}"] = GPTQStats(
                 float(st.row_loss[r0:r1].sum()), st.damp, st.dead_columns, searched=st.searched)
             r0 = r1
