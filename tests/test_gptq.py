@@ -132,8 +132,8 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
     "H200 with the device tool)"))])
 def test_group_results_own_their_host_storage(tmp_path, device):
     """q/k/v (and gate/up) are solved stacked; each linear's result must be a tensor of its own
-    (safetensors refuses shared storage), on the host (on CUDA: copied there from a background
-    thread) and equal to the weights written back into the layer."""
+    (safetensors refuses shared storage), on the host (on CUDA: copied from the device) and equal
+    to the weights written back into the layer."""
     d = make_tiny_model_dir(tmp_path / "m", "llama")
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(2))
