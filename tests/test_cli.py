@@ -47,6 +47,16 @@ def test_quantize_then_eval(tmp_path, tiny, corpus, method, capsys):
     assert r["reference"]["kld_mean"] is None and r["q"]["n_tokens"] == 3 * 31
 
 
+@pytest.mark.parametrize("extra, alpha, scope", [([], 0.5, "all"), (["--asym-scope", "skip-last"], 0.5, "skip-last"),
+                                                 (["--asym-alpha", "0"], 0.0, "all")])
+def test_gptq_asymmetric_calibration_options_reach_the_recipe(tmp_path, tiny, corpus, extra, alpha, scope):
+    out = tmp_path / "q"
+    assert main(["--no-progress", "quantize", str(tiny), "--scheme", "W4A16", "--group-size", "32", "--method", "gptq",
+                 "--calib", str(corpus), "--calib-samples", "4", "--calib-len", "16", *extra, "-o", str(out)]) == 0
+    gptq = json.loads((out / "lowbit_recipe.json").read_text())["gptq"]
+    assert (gptq["asym_alpha"], gptq["asym_scope"]) == (alpha, scope)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--scheme", "W5A5"], "unknown scheme"),
     (["--scheme", "W4A16", "--group-size", "48"], "does not divide"),
