@@ -20,6 +20,10 @@ Prints one table last and writes ``OUT/gptq_speed.json`` (rewritten after every 
 
 from __future__ import annotations
 
+from lowbit.cudaenv import tune_pinned_allocator
+
+tune_pinned_allocator()  # as the CLI does, before torch loads (it reads its allocator settings once)
+
 import argparse
 import dataclasses
 import gc

@@ -5,6 +5,10 @@ Errors on bad input (:class:`~lowbit.core.errors.LowbitError`) print one clear l
 
 from __future__ import annotations
 
+from lowbit.cudaenv import tune_pinned_allocator
+
+tune_pinned_allocator()  # before torch loads: it reads its allocator settings once
+
 import argparse
 import logging
 import sys
