@@ -213,6 +213,12 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
         asym_scope="skip-last")), 8, 64, torch.device("cpu"), rate=1e9)
     assert sk.parts["hessians"] == est.parts["hessians"] and sk.parts["float weights"] == nbytes(*attn)
     assert est.seconds < sk.seconds < aq.seconds
+    # awq+gptq: GPTQ inside AWQ holds the same statistics
+    from lowbit.pipeline.awq import AWQMethod
+
+    both = estimate.estimate_run(model, get_arch(model), AWQMethod(QuantScheme(4, 32), inner=GPTQMethod(
+        QuantScheme(4, 32), GPTQConfig(asym_scope="skip-last"))), 8, 64, torch.device("cpu"), rate=1e9)
+    assert both.parts == sk.parts
     seq = GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.0), true_sequential=False)
     assert estimate.estimate_run(model, get_arch(model), seq, 8, 64, torch.device("cpu"), 1e9).parts[
         "hessians"] == (3 * 64 * 64 + 128 * 128) * 4

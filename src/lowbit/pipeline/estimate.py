@@ -99,8 +99,10 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
     hess = 0
     runs = 1 if method.needs_calibration else 0
     float_copy = 0  # GPTAQ's float copies of the linears quantized before its last paired stage
-    if isinstance(method, GPTQMethod):
-        stages, copies = method.plan(spec)
+    # GPTQ itself, or GPTQ inside another method (awq+gptq: AWQ's scales, then GPTQ on the block)
+    gq = method if isinstance(method, GPTQMethod) else getattr(method, "inner", None)
+    if isinstance(gq, GPTQMethod):
+        stages, copies = gq.plan(spec)
 
         def stats(st: Stage) -> int:  # H of each group of the stage, and D beside it where aimed at the float
             return sum(linears[g[0]].in_features ** 2 * 4 * (2 if g[0] in st.asym else 1) for g in st.groups)
@@ -108,10 +110,10 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
         hess = max(stats(st) for st in stages)
         paired = sum(1 for st in stages if st.asym or st.float_outputs)
         runs = len(stages) + paired + 1
-        if method.float_inputs:  # the float block runs beside the quantized one, with copies of what changed
+        if gq.float_inputs:  # the float block runs beside the quantized one, with copies of what changed
             acts, device_acts = 2 * acts, 2 * device_acts
             float_copy = sum(linears[n].weight.numel() * linears[n].weight.element_size() for n in copies)
-    device_hess = 0 if isinstance(method, GPTQMethod) and method.hessians_on_cpu else hess
+    device_hess = 0 if isinstance(gq, GPTQMethod) and gq.hessians_on_cpu else hess
     parts = {"block": float(block_bytes), "activations": float(device_acts), "workspace": float(work),
              "hessians": float(device_hess)}
     if float_copy:
@@ -121,7 +123,7 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
     cpu_bytes = model_bytes + (acts if device.type == "cpu" or offload else 0) + (hess - device_hess)
     rate = rate or matmul_rate(device, dtype if device.type == "cuda" else torch.float32)
     flops = len(blocks) * runs * (2 * block_params * tokens + 4 * n_samples * seq_len**2 * d)
-    if isinstance(method, GPTQMethod):
+    if isinstance(gq, GPTQMethod):
         flops += len(blocks) * sum(m.in_features**3 + 2 * m.out_features * m.in_features**2
                                    for m in linears.values())
     return RunEstimate(str(device), device_bytes, int(cpu_bytes), flops / rate, parts)
