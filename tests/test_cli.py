@@ -47,8 +47,8 @@ def test_quantize_then_eval(tmp_path, tiny, corpus, method, capsys):
     assert r["reference"]["kld_mean"] is None and r["q"]["n_tokens"] == 3 * 31
 
 
-@pytest.mark.parametrize("extra, alpha, scope", [([], 0.5, "all"), (["--asym-scope", "skip-last"], 0.5, "skip-last"),
-                                                 (["--asym-alpha", "0"], 0.0, "all")])
+@pytest.mark.parametrize("extra, alpha, scope", [([], 0.5, "skip-last"), (["--asym-scope", "all"], 0.5, "all"),
+                                                 (["--asym-alpha", "0"], 0.0, "skip-last")])
 def test_gptq_asymmetric_calibration_options_reach_the_recipe(tmp_path, tiny, corpus, extra, alpha, scope):
     out = tmp_path / "q"
     assert main(["--no-progress", "quantize", str(tiny), "--scheme", "W4A16", "--group-size", "32", "--method", "gptq",

@@ -103,7 +103,7 @@ def test_stage_plan_pairs_the_aimed_groups_and_copies_what_changes_before_the_la
     stages, copies = plan(asym_alpha=0.0)
     assert [s.groups for s in stages] == [(qkv,), (o,), (mlp,), (down,)]
     assert not any(s.asym or s.float_outputs for s in stages) and copies == ()
-    stages, copies = plan(asym_alpha=0.5)
+    stages, copies = plan(asym_alpha=0.5, asym_scope="all")
     assert [set(s.asym) for s in stages] == [{qkv[0]}, {o[0]}, {mlp[0]}, {down[0]}]
     assert [s.float_outputs for s in stages] == [False, False, False, True] and copies == qkv + o + mlp
     stages, copies = plan(asym_alpha=0.5, asym_scope="skip-last")

@@ -120,7 +120,7 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
         return real(W, H, *a, consume_hessian=consume_hessian, **k)
 
     monkeypatch.setattr(pg, "gptq_quantize", flaky)
-    method = GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=asym), scale_dtype=torch.float32)
+    method = GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=asym, asym_scope="all"), scale_dtype=torch.float32)
     qws = quantize_model(model, QuantScheme(4, 32), method, tokens=ids, progress=False)
     assert calls[:3] == [True, False, True] and len(qws) == 14
     assert all(torch.isfinite(q.scales).all() for q in qws.values())
@@ -196,7 +196,7 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
     assert est.parts["hessians"] == 128 * 128 * 4  # the largest stage: down_proj's input, in = 128
     assert est.parts["activations"] == 2 * 8 * 64 * 64 * 4 and est.seconds > 0
     # GPTAQ: D beside H, the float model's activations, a float copy of the block, two runs per stage
-    aq = estimate.estimate_run(model, get_arch(model), GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.5)),
+    aq = estimate.estimate_run(model, get_arch(model), GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_scope="all")),
                                8, 64, torch.device("cpu"), rate=1e9)
     lins = block_linears(get_blocks(model, get_arch(model))[0], get_arch(model))
 
