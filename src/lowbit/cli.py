@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after GPTQ, refit the group scales to the layer output error (codes fixed)")
     g.add_argument("--asym-alpha", type=float, default=0.5, metavar="ALPHA",
                    help="asymmetric calibration (GPTAQ): aim each layer at the float model's output, with this "
-                        "strength in [0, 1] (default 0.5; 0 = plain GPTQ, about a third faster on a GPU); a "
+                        "strength in [0, 1] (default 0.5; 0 = plain GPTQ, about 25% less time on a GPU); a "
                         "float run of the block beside the quantized one and an in x in matrix per aimed group")
     g.add_argument("--asym-scope", choices=["all", "skip-last", "residual"], default="skip-last",
                    help="the groups of linears asymmetric calibration aims: all; skip-last (default): all but "

@@ -108,7 +108,7 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
             return sum(linears[g[0]].in_features ** 2 * 4 * (2 if g[0] in st.asym else 1) for g in st.groups)
 
         hess = max(stats(st) for st in stages)
-        paired = sum(1 for st in stages if st.asym or st.float_outputs)
+        paired = sum(1 for st in stages if st.asym)
         runs = len(stages) + paired + 1
         if gq.float_inputs:  # the float block runs beside the quantized one, with copies of what changed
             acts, device_acts = 2 * acts, 2 * device_acts

@@ -116,7 +116,7 @@ class GPTQMethod:
             t0 = tick(self.timers, ctx.device)
             firsts = [g[0] for g in stage.groups]
             obs: dict[str, Any]
-            if not stage.asym and not stage.float_outputs:
+            if not stage.asym:  # (the stage with the float outputs is paired: it is the last with asym)
                 obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers,
                                                                   keep_top=top), names=firsts)
             else:
