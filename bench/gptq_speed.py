@@ -575,7 +575,9 @@ def main() -> None:
                    help="lowbit GPTQConfig.act_order (default: the library's default); llm-compressor uses static")
     p.add_argument("--asym-alpha", type=float, default=None,
                    help="lowbit GPTQConfig.asym_alpha (GPTAQ strength; default: the library's default)")
-    p.add_argument("--asym-scope", default=None, choices=["all", "skip-last", "residual"],
+    from lowbit.methods.gptq import ASYM_SCOPES
+
+    p.add_argument("--asym-scope", default=None, choices=ASYM_SCOPES,
                    help="lowbit GPTQConfig.asym_scope (the groups GPTAQ aims; default: the library's default)")
     p.add_argument("--untimed-only", action="store_true",
                    help="lowbit runs without the phase timers only (the total and the peak, no phase table)")

@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="asymmetric calibration (GPTAQ): aim each layer at the float model's output, with this "
                         "strength in [0, 1] (default 0.5; 0 = plain GPTQ, about 25% less time on a GPU); a "
                         "float run of the block beside the quantized one and an in x in matrix per aimed group")
-    g.add_argument("--asym-scope", choices=["all", "skip-last", "residual"], default="skip-last",
+    from lowbit.methods.gptq import ASYM_SCOPES, GPTQConfig
+
+    g.add_argument("--asym-scope", choices=ASYM_SCOPES, default=GPTQConfig.asym_scope,
                    help="the groups of linears asymmetric calibration aims: all; skip-last (default): all but "
                         "down_proj (no in x in matrix beside its Hessian and no float run up to it: plain GPTQ's "
                         "peak memory); residual: only q/k/v and gate/up")
