@@ -40,7 +40,8 @@ log = logging.getLogger("awq_quality")
 CLIP_VARIANTS = {"awq-clip": ("awq", True), "awq-noclip": ("awq", False),
                  "awq+gptq-clip": ("awq+gptq", True), "awq+gptq-noclip": ("awq+gptq", False)}
 #: trailing options: "-linear" scores the scale search by the linears' own outputs (not their parent
-#: module's), "-t<N>" scores N tokens (default 2048), "-both" tries both duo-scaling grids
+#: module's), "-t<N>" scores N tokens (default 2048), "-both" tries both duo-scaling grids, "-float" passes on
+#: each block's float outputs (AutoAWQ) instead of its quantized ones
 
 
 def parse_variant(variant: str) -> tuple[str, str, dict[str, Any]]:
@@ -52,6 +53,8 @@ def parse_variant(variant: str) -> tuple[str, str, dict[str, Any]]:
             objective = "linear"
         elif last == "both":
             opts["duo_scaling"] = "both"
+        elif last == "float":
+            opts["propagate"] = "float"
         elif last[:1] == "t" and last[1:].isdigit():
             opts["max_tokens"] = int(last[1:])
         else:

@@ -209,3 +209,38 @@ def test_model_without_mapping_is_a_clear_error():
 
     with pytest.raises(UnsupportedArchitectureError, match="no architecture table entry"):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), SCHEME, AWQMethod(SCHEME), tokens=_ids(), progress=False)
+
+
+def test_float_propagation_feeds_every_block_the_float_models_inputs(tmp_path):
+    tokens = _ids(4, 32)
+    ref = _outlier_model(tmp_path)
+    with torch.no_grad():
+        want = ref(tokens, output_hidden_states=True).hidden_states[1]  # the float model's input of block 1
+    seen: dict[int, torch.Tensor] = {}
+
+    class Spy(AWQMethod):
+        def quantize_block(self, ctx):
+            seen[ctx.index] = torch.cat(ctx.inputs)
+            return super().quantize_block(ctx)
+
+    got = {}
+    for prop in ("float", "quantized"):
+        method = Spy(SCHEME, propagate=prop)
+        got[prop] = quantize_model(_outlier_model(tmp_path), SCHEME, method, tokens=tokens, progress=False)
+        err = (seen[1] - want).abs().max().item()
+        assert (err < 1e-5) if prop == "float" else (err > 1e-3), (prop, err)
+    # the preset path passes on the same float outputs: the same codes as the search
+    applied = quantize_model(_outlier_model(tmp_path), SCHEME,
+                             Spy(SCHEME, propagate="float", preset=_float_search_result(tmp_path, tokens)),
+                             tokens=tokens, progress=False)
+    assert torch.allclose(seen[1], want, atol=1e-5)
+    for n, qw in got["float"].items():
+        assert torch.equal(qw.codes, applied[n].codes), n
+    with pytest.raises(Exception, match="propagate"):
+        AWQMethod(SCHEME, propagate="float", inner=AWQMethod(SCHEME))
+
+
+def _float_search_result(tmp_path, tokens):
+    method = AWQMethod(SCHEME, propagate="float")
+    quantize_model(_outlier_model(tmp_path), SCHEME, method, tokens=tokens, progress=False)
+    return method.result

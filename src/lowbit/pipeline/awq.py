@@ -190,6 +190,10 @@ class AWQMethod:
     clip: bool = False  # AutoAWQ-style clipping search: helped Gemma-3 W3, hurt Qwen2.5 W3 and W4
     objective: str = "parent"  # "parent": error of the module holding the group; "linear": the linears' own
     max_tokens: int = 2048  # tokens the scale search scores (whole calibration inputs; rows for "linear")
+    # what the block passes on: "quantized" (its outputs after quantization, as llm-compressor's
+    # sequential pipeline) or "float" (its float outputs, from the statistics run: AutoAWQ's choice,
+    # so every block's statistics come from the float model; one block run fewer)
+    propagate: str = "quantized"
     clip_tokens: int = 512  # of which the clipping search uses this many (AutoAWQ's n_sample_token)
     scale_dtype: torch.dtype = torch.bfloat16
     inner: BlockMethod | None = None
@@ -200,6 +204,11 @@ class AWQMethod:
     def __post_init__(self) -> None:
         if self.objective not in ("parent", "linear"):
             raise SchemeError(f"AWQ objective must be 'parent' or 'linear', got {self.objective!r}")
+        if self.propagate not in ("quantized", "float"):
+            raise SchemeError(f"AWQ propagate must be 'quantized' or 'float', got {self.propagate!r}")
+        if self.propagate == "float" and self.inner is not None:
+            raise SchemeError("AWQ with propagate='float' quantizes by RTN only: GPTQ after it needs the "
+                              "quantized model's inputs; use propagate='quantized' for awq+gptq")
 
     @property
     def float_inputs(self) -> bool:
@@ -212,6 +221,9 @@ class AWQMethod:
         if self.preset is None:
             self._search(ctx, prefix)
         else:
+            if self.propagate == "float":  # the float block's outputs, before any fold or clip
+                ctx.run(keep_outputs=True)
+                ctx.outputs_ready = True
             self._apply(ctx, prefix, self.preset)
         if self.inner is not None:
             return self.inner.quantize_block(ctx)
@@ -236,7 +248,8 @@ class AWQMethod:
         stride = max(1, -(-total // self.max_tokens))
         parents = {parent_name(g.linears) for g in groups} if self.objective == "parent" else set()
         with ParentCalls(ctx, parents, self.max_tokens) as calls:
-            obs = collect(ctx, lambda n, lin: SampleObserver(lin.in_features, stride), names=list(firsts))
+            obs = collect(ctx, lambda n, lin: SampleObserver(lin.in_features, stride), names=list(firsts),
+                          keep_outputs=self.propagate == "float")
         quant = fake_quant(self.scheme, self.scale_dtype)
         gs = self.scheme.group_size
         for g in ctx.spec.groups:
