@@ -5,8 +5,9 @@
 
 Every method sees the same C4 calibration tokens (seeded) and is scored on the same WikiText-2
 windows (GPTQ protocol) against the float reference. Rows per model and scheme: lowbit RTN,
-lowbit AWQ (then RTN), lowbit AWQ+GPTQ, llm-compressor AWQ (then its RTN). lowbit's rows are
-evaluated from their artifacts on disk, llm-compressor's from its fake-quantized weights.
+lowbit AWQ (then RTN), lowbit AWQ+GPTQ, llm-compressor AWQ (then its RTN) and, with
+``--autoawq-python``, AutoAWQ (scales and its clipping search, then its RTN). lowbit's rows are
+evaluated from their artifacts on disk, the peers' from their fake-quantized weights.
 With ``--smoothquant``, W8A8 dynamic-int8 RTN and SmoothQuant W8A8 rows are added per model.
 Prints one table (perplexity increase, its ratio to llm-compressor's) and writes JSON.
 """
@@ -100,6 +101,8 @@ def main() -> None:
     p.add_argument("--awq-clip", action=argparse.BooleanOptionalAction, default=False,
                    help="lowbit AWQ's clipping search (off by default, as in the CLI)")
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
+    p.add_argument("--autoawq-python", default=None,
+                   help="python of AutoAWQ's venv (autoawq 0.2.9 + transformers 4.51; skip the peer if unset)")
     p.add_argument("--reuse-peer", action="store_true",
                    help="reuse llm-compressor's artifact from an earlier run with the same --out (same tokens)")
     p.add_argument("--out", default="bench/results/awq")
@@ -134,6 +137,15 @@ def main() -> None:
                 log.info("llm-compressor AWQ took %.0f s (wall %.0f s)", secs["llmcompressor-awq"],
                          time.perf_counter() - t0)
                 models["llmcompressor-awq"] = load_model(str(peer_dir)).model
+            if a.autoawq_python and scheme.act_bits is None:
+                peer_dir = out / name / f"{sname}-autoawq"
+                if not (a.reuse_peer and (peer_dir / "peer.json").exists()):
+                    subprocess.run([a.autoawq_python, str(Path(__file__).parent / "peers" / "autoawq_awq.py"),
+                                    str(ref.path), str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)],
+                                   check=True)
+                secs["autoawq"] = json.loads((peer_dir / "peer.json").read_text())["seconds"]
+                log.info("AutoAWQ took %.0f s", secs["autoawq"])
+                models["autoawq"] = load_model(str(peer_dir)).model
             corpus, res_ev = evaluate_models(models, ref.tokenizer, reference="reference", data="wikitext2",
                                              ctx=a.ctx, max_windows=a.windows, progress=False)
             base = res_ev["reference"].ppl
