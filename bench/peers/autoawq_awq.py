@@ -1,8 +1,8 @@
 """Peer run: AutoAWQ (scales + its default clipping search, then its own min-max RTN) on lowbit's
 calibration tokens.
 
-Runs inside AutoAWQ's own virtual environment (autoawq 0.2.9 pins transformers 4.x, see
-DEVELOPERS.md):
+Runs inside AutoAWQ's own virtual environment (autoawq 0.2.9 needs transformers 4.x; setup in
+bench/README.md):
 
     VENV/bin/python bench/peers/autoawq_awq.py MODEL_DIR TOKENS.safetensors BITS GROUP OUT_DIR
 
