@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from lowbit.core.scheme import get_scheme
 from lowbit.data import calibration_tokens, resolve_calib_texts
 from lowbit.jobs import evaluate_models, load_artifact, quantize_loaded
 from lowbit.models.loader import load_model
+from peers import peer_artifact
 
 log = logging.getLogger("awq_quality")
 
@@ -124,28 +122,14 @@ def main() -> None:
             models: dict[str, torch.nn.Module] = {"reference": ref.model}
             got, secs = lowbit_rows(ref, scheme, methods, out / name, a)
             models.update(got)
-            if a.llmc_python and scheme.act_bits is None:
-                peer_dir = out / name / f"{sname}-llmcompressor-awq"
-                t0 = time.perf_counter()
-                if a.reuse_peer and (peer_dir / "peer.json").exists():
-                    log.info("reusing llm-compressor's artifact %s", peer_dir)
-                else:
-                    subprocess.run([a.llmc_python, str(Path(__file__).parent / "peers" / "llmc_awq.py"), str(ref.path),
-                                    str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)],
-                                   check=True)
-                secs["llmcompressor-awq"] = json.loads((peer_dir / "peer.json").read_text())["seconds"]
-                log.info("llm-compressor AWQ took %.0f s (wall %.0f s)", secs["llmcompressor-awq"],
-                         time.perf_counter() - t0)
-                models["llmcompressor-awq"] = load_model(str(peer_dir)).model
-            if a.autoawq_python and scheme.act_bits is None:
-                peer_dir = out / name / f"{sname}-autoawq"
-                if not (a.reuse_peer and (peer_dir / "peer.json").exists()):
-                    subprocess.run([a.autoawq_python, str(Path(__file__).parent / "peers" / "autoawq_awq.py"),
-                                    str(ref.path), str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)],
-                                   check=True)
-                secs["autoawq"] = json.loads((peer_dir / "peer.json").read_text())["seconds"]
-                log.info("AutoAWQ took %.0f s", secs["autoawq"])
-                models["autoawq"] = load_model(str(peer_dir)).model
+            peers = [("llmcompressor-awq", a.llmc_python, "llmc_awq.py"),
+                     ("autoawq", a.autoawq_python, "autoawq_awq.py")]
+            for tag, python, script in peers:
+                if python and scheme.act_bits is None:
+                    peer_dir = out / name / f"{sname}-{tag}"
+                    secs[tag] = peer_artifact(python, script, ref.path, tok_file, scheme.bits, a.group_size, peer_dir,
+                                              a.reuse_peer)
+                    models[tag] = load_model(str(peer_dir)).model
             corpus, res_ev = evaluate_models(models, ref.tokenizer, reference="reference", data="wikitext2",
                                              ctx=a.ctx, max_windows=a.windows, progress=False)
             base = res_ev["reference"].ppl

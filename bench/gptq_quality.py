@@ -18,9 +18,7 @@ import argparse
 import copy
 import json
 import logging
-import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from lowbit.formats.compressed_tensors import load_quantized
 from lowbit.jobs import evaluate_models, quantize_loaded
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.models.loader import load_model
+from peers import peer_artifact
 
 log = logging.getLogger("gptq_quality")
 
@@ -107,25 +106,14 @@ def main() -> None:
                     log.info("reusing %s (quantized in %.0f s)", art, done)
                 models[f"lowbit-{variant}"] = load_quantized(art)[0]
                 secs[f"lowbit-{variant}"] = done
-            if a.llmc_python:
-                peer_dir = out / name / f"{sname}-llmcompressor"
-                t0 = time.perf_counter()
-                if not (a.reuse_peer and (peer_dir / "peer.json").exists()):
-                    subprocess.run([a.llmc_python, str(Path(__file__).parent / "peers" / "llmc_gptq.py"), str(ref.path),
-                                    str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)],
-                                   check=True)
-                secs["llmcompressor-gptq"] = json.loads((peer_dir / "peer.json").read_text())["seconds"]
-                log.info("llm-compressor took %.0f s (wall %.0f s)", secs["llmcompressor-gptq"],
-                         time.perf_counter() - t0)
-                models["llmcompressor-gptq"] = load_model(str(peer_dir)).model
-            if a.gptqmodel:
-                peer_dir = out / name / f"{sname}-gptqmodel"
-                if not (a.reuse_peer and (peer_dir / "peer.json").exists()):
-                    subprocess.run([sys.executable, str(Path(__file__).parent / "peers" / "gptqmodel_gptq.py"),
-                                    str(ref.path), str(tok_file), str(scheme.bits), str(a.group_size), str(peer_dir)],
-                                   check=True)
-                secs["gptqmodel-gptq"] = json.loads((peer_dir / "peer.json").read_text())["seconds"]
-                models["gptqmodel-gptq"] = load_model(str(peer_dir)).model
+            peers = [("llmcompressor-gptq", a.llmc_python, "llmc_gptq.py", "llmcompressor"),
+                     ("gptqmodel-gptq", sys.executable if a.gptqmodel else None, "gptqmodel_gptq.py", "gptqmodel")]
+            for tag, python, script, folder in peers:
+                if python:
+                    peer_dir = out / name / f"{sname}-{folder}"
+                    secs[tag] = peer_artifact(python, script, ref.path, tok_file, scheme.bits, a.group_size, peer_dir,
+                                              a.reuse_peer)
+                    models[tag] = load_model(str(peer_dir)).model
             corpus, res_ev = evaluate_models(models, ref.tokenizer, reference="reference", data="wikitext2",
                                              ctx=a.ctx, max_windows=a.windows, progress=False)
             base = res_ev["reference"].ppl
