@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model_dir
 from lowbit.cli import main
-from lowbit.core.errors import UnsupportedArchitectureError
+from lowbit.core.errors import SchemeError, UnsupportedArchitectureError
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods.awq import apply_clip, awq_scales, fake_quant, linear_loss, search_clip, search_scales
 from lowbit.models.archs import get_arch, get_blocks
@@ -223,24 +223,18 @@ def test_float_propagation_feeds_every_block_the_float_models_inputs(tmp_path):
             seen[ctx.index] = torch.cat(ctx.inputs)
             return super().quantize_block(ctx)
 
-    got = {}
+    got, methods = {}, {}
     for prop in ("float", "quantized"):
-        method = Spy(SCHEME, propagate=prop)
-        got[prop] = quantize_model(_outlier_model(tmp_path), SCHEME, method, tokens=tokens, progress=False)
+        methods[prop] = Spy(SCHEME, propagate=prop)
+        got[prop] = quantize_model(_outlier_model(tmp_path), SCHEME, methods[prop], tokens=tokens, progress=False)
         err = (seen[1] - want).abs().max().item()
         assert (err < 1e-5) if prop == "float" else (err > 1e-3), (prop, err)
     # the preset path passes on the same float outputs: the same codes as the search
     applied = quantize_model(_outlier_model(tmp_path), SCHEME,
-                             Spy(SCHEME, propagate="float", preset=_float_search_result(tmp_path, tokens)),
+                             Spy(SCHEME, propagate="float", preset=methods["float"].result),
                              tokens=tokens, progress=False)
     assert torch.allclose(seen[1], want, atol=1e-5)
     for n, qw in got["float"].items():
         assert torch.equal(qw.codes, applied[n].codes), n
-    with pytest.raises(Exception, match="propagate"):
+    with pytest.raises(SchemeError, match="propagate"):
         AWQMethod(SCHEME, propagate="float", inner=AWQMethod(SCHEME))
-
-
-def _float_search_result(tmp_path, tokens):
-    method = AWQMethod(SCHEME, propagate="float")
-    quantize_model(_outlier_model(tmp_path), SCHEME, method, tokens=tokens, progress=False)
-    return method.result
