@@ -14,8 +14,11 @@ whole block 1.80 ms a sample with torch's backend choice (cuDNN) against a 1.17 
 flash attention 1.96 ms; the attention half 0.68 ms against 0.17 ms with either. The gap is the
 eager block's memory-bound elementwise work (fp32 RMSNorm, rotary embedding, layouts), which
 no backend choice removes; a profile's ~0.7 ms of host time per cuDNN call did not show here.
+``--compile`` (``bench/results/block_forward_h200_compile.json``, another H200 host): torch.compile
+of the block runs the whole block in 1.33 ms (eager 1.79 ms, 1.13x the floor; 5.7 s to compile),
+but the attention half, whose hook stops the forward, takes 1.49 ms compiled against 0.82 ms eager.
 
-    python bench/block_forward.py [--samples 32 --seq 2048] [--out DIR]
+    python bench/block_forward.py [--samples 32 --seq 2048] [--resident] [--compile] [--out DIR]
 
 Writes ``block_forward.json`` under ``--out`` (default ``$OUT`` or bench/results).
 """
@@ -51,6 +54,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--backends", default="torch-default,CUDNN_ATTENTION,FLASH_ATTENTION")
+    p.add_argument("--resident", action="store_true", help="also time the forwards on inputs already on the GPU")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(block) (implies --resident)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
     from lowbit.models.archs import block_linears, get_arch, get_blocks
@@ -89,30 +94,47 @@ def main() -> None:
         raise _StopBlock
 
     rows: list[dict[str, Any]] = []
+
+    def measure(kind: str, label: str, be: str, inputs: list[torch.Tensor]) -> None:
+        handle = lins["self_attn.o_proj"].register_forward_pre_hook(stop_at_o) if kind != "whole block" else None
+        try:
+            with torch.inference_mode(), _backends(be):
+                t0 = time.perf_counter()
+                ctx.forward_all(inputs[:2], keep_outputs=False)  # warm-up (graphs, autotuning, compilation)
+                torch.cuda.synchronize()
+                warm = time.perf_counter() - t0
+                best = float("inf")
+                for _ in range(a.reps):
+                    t0 = time.perf_counter()
+                    ctx.forward_all(inputs, keep_outputs=False)
+                    torch.cuda.synchronize()
+                    best = min(best, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 -- a backend or compile mode that cannot run this: recorded
+            rows.append({"kind": kind, "backend": label, "error": str(e).splitlines()[0][:300]})
+            print(f"{kind:15s} {label:28s} error: {str(e).splitlines()[0][:200]}", flush=True)
+            return
+        finally:
+            if handle is not None:
+                handle.remove()
+        ms = best / a.samples * 1e3
+        fl = floors[kind] * 1e3
+        rows.append({"kind": kind, "backend": label, "ms_per_sample": ms, "floor_ms": fl, "ratio": ms / fl,
+                     "warmup_s": warm})
+        print(f"{kind:15s} {label:28s} {ms:8.3f} ms/sample  floor {fl:6.3f}  x{ms / fl:5.2f}  (warm-up {warm:.1f} s)",
+              flush=True)
+
     for kind in ("whole block", "attention half"):
         for be in a.backends.split(","):
-            handle = lins["self_attn.o_proj"].register_forward_pre_hook(stop_at_o) if kind != "whole block" else None
-            try:
-                with torch.inference_mode(), _backends(be):
-                    ctx.forward_all(hidden[:2], keep_outputs=False)  # warm-up (graphs, autotuning)
-                    torch.cuda.synchronize()
-                    best = float("inf")
-                    for _ in range(a.reps):
-                        t0 = time.perf_counter()
-                        ctx.forward_all(hidden, keep_outputs=False)
-                        torch.cuda.synchronize()
-                        best = min(best, time.perf_counter() - t0)
-            except RuntimeError as e:  # a backend that cannot run this shape
-                rows.append({"kind": kind, "backend": be, "error": str(e).splitlines()[0]})
-                print(f"{kind:15s} {be:20s} error: {str(e).splitlines()[0]}", flush=True)
-                continue
-            finally:
-                if handle is not None:
-                    handle.remove()
-            ms = best / a.samples * 1e3
-            fl = floors[kind] * 1e3
-            rows.append({"kind": kind, "backend": be, "ms_per_sample": ms, "floor_ms": fl, "ratio": ms / fl})
-            print(f"{kind:15s} {be:20s} {ms:8.3f} ms/sample  floor {fl:6.3f}  x{ms / fl:5.2f}", flush=True)
+            measure(kind, be, be, hidden)
+    if a.resident or a.compile:  # the same forwards on inputs already on the GPU: no uploads
+        resident = [h.to(dev) for h in hidden]
+        for kind in ("whole block", "attention half"):
+            measure(kind, "torch-default, inputs on GPU", "torch-default", resident)
+        if a.compile:  # torch.compile of the block: the elementwise work fused
+            ctx.block = torch.compile(block, dynamic=False)
+            for kind in ("whole block", "attention half"):
+                measure(kind, "torch.compile, inputs on GPU", "torch-default", resident)
+                measure(kind, "torch.compile, offloaded", "torch-default", hidden)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rep = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "samples": a.samples,
