@@ -192,7 +192,8 @@ class AWQMethod:
     max_tokens: int = 2048  # tokens the scale search scores (whole calibration inputs; rows for "linear")
     # what the block passes on: "quantized" (its outputs after quantization, as llm-compressor's
     # sequential pipeline) or "float" (its float outputs, from the statistics run: AutoAWQ's choice,
-    # so every block's statistics come from the float model; one block run fewer)
+    # so every block's statistics come from the float model; one block run fewer). "float" measured
+    # worse on Qwen2.5-Coder-0.5B W3 (Δppl +24.26 vs +23.87, bench/results/awq/*_w16_float.json)
     propagate: str = "quantized"
     clip_tokens: int = 512  # of which the clipping search uses this many (AutoAWQ's n_sample_token)
     scale_dtype: torch.dtype = torch.bfloat16
