@@ -218,7 +218,10 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
 
     both = estimate.estimate_run(model, get_arch(model), AWQMethod(QuantScheme(4, 32), inner=GPTQMethod(
         QuantScheme(4, 32), GPTQConfig(asym_scope="skip-last"))), 8, 64, torch.device("cpu"), rate=1e9)
+    search = both.parts.pop("AWQ search")  # AWQ's scale search holds its token sample beside GPTQ's statistics
     assert both.parts == sk.parts
+    assert search == 8 * 64 * (2 * 64 + 128) * 4 + 8 * 64 * 64 * 4  # 512 tokens < max_tokens: all of them
+    assert both.cpu_bytes > sk.cpu_bytes
     seq = GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.0), true_sequential=False)
     assert estimate.estimate_run(model, get_arch(model), seq, 8, 64, torch.device("cpu"), 1e9).parts[
         "hessians"] == (3 * 64 * 64 + 128 * 128) * 4

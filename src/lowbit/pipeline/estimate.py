@@ -29,6 +29,7 @@ from torch import nn
 
 from lowbit.core.errors import LowbitError
 from lowbit.models.archs import ArchSpec, block_linears, get_blocks
+from lowbit.pipeline.awq import AWQMethod
 from lowbit.pipeline.blockwise import BlockMethod
 from lowbit.pipeline.gptq import GPTQMethod, Stage
 
@@ -118,9 +119,17 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
              "hessians": float(device_hess)}
     if float_copy:
         parts["float weights"] = float(float_copy)
+    host_sample = 0
+    if isinstance(method, AWQMethod) and method.preset is None and method.needs_calibration:
+        # the scale search keeps its parents' inputs (attention calls, MLP and down_proj rows) and their
+        # float32 reference outputs on the device, and each group's input sample (float32) on the host
+        st = min(tokens, method.max_tokens)
+        parts["AWQ search"] = float(st * (2 * d + inter) * elt + st * d * 4)
+        host_sample = st * sum(linears[g.linears[0]].in_features for g in spec.groups) * 4
     device_bytes = int(sum(parts.values()))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    cpu_bytes = model_bytes + (acts if device.type == "cpu" or offload else 0) + (hess - device_hess)
+    cpu_bytes = (model_bytes + (acts if device.type == "cpu" or offload else 0) + (hess - device_hess)
+                 + host_sample)
     rate = rate or matmul_rate(device, dtype if device.type == "cuda" else torch.float32)
     flops = len(blocks) * runs * (2 * block_params * tokens + 4 * n_samples * seq_len**2 * d)
     if isinstance(gq, GPTQMethod):
