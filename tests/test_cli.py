@@ -103,3 +103,12 @@ def test_nan_weights_exit_2(tmp_path, capsys):
 def test_eval_unknown_corpus_exit_2(tmp_path, tiny, capsys):
     assert main(["eval", str(tiny), "--data", str(tmp_path / "missing.txt")]) == 2
     assert "evaluation corpus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], ["quantize"], ["eval"], ["run"], ["models"]])
+def test_every_help_page_renders(command, capsys):
+    """argparse formats help strings with %: a bare % in one breaks the whole page."""
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out

@@ -144,7 +144,8 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
     if isinstance(block_method, AWQMethod):
         res = block_method.preset or block_method.result
         recipe["awq"] = {"alphas": res.alphas, "clipped_linears": len(res.clips), "loaded_from": str(awq_load)
-                         if awq_load else None}
+                         if awq_load else None, "objective": block_method.objective,
+                         "max_tokens": block_method.max_tokens, "duo_scaling": block_method.duo_scaling}
         if awq_save and world()[0] == 0:
             block_method.result.save(awq_save, scheme)
             log.info("AWQ search result written to %s", awq_save)
