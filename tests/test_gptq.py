@@ -222,6 +222,11 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
     assert both.parts == sk.parts
     assert search == 8 * 64 * (2 * 64 + 128) * 4 + 8 * 64 * 64 * 4  # 512 tokens < max_tokens: all of them
     assert both.cpu_bytes > sk.cpu_bytes
+    from lowbit.models.archs import get_blocks
+
+    blocks = get_blocks(model, get_arch(model))  # the search scores 20 alphas + the identity + the reference
+    params = sum(p.numel() for p in blocks[0].parameters())
+    assert both.seconds == pytest.approx(sk.seconds + len(blocks) * 22 * (2 * params * 512 + 4 * 512 * 64 * 64) / 1e9)
     seq = GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.0), true_sequential=False)
     assert estimate.estimate_run(model, get_arch(model), seq, 8, 64, torch.device("cpu"), 1e9).parts[
         "hessians"] == (3 * 64 * 64 + 128 * 128) * 4

@@ -119,19 +119,22 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
              "hessians": float(device_hess)}
     if float_copy:
         parts["float weights"] = float(float_copy)
-    host_sample = 0
+    host_sample, search_flops = 0, 0
     if isinstance(method, AWQMethod) and method.preset is None and method.needs_calibration:
         # the scale search keeps its parents' inputs (attention calls, MLP and down_proj rows) and their
         # float32 reference outputs on the device, and each group's input sample (float32) on the host
         st = min(tokens, method.max_tokens)
         parts["AWQ search"] = float(st * (2 * d + inter) * elt + st * d * 4)
         host_sample = st * sum(linears[g.linears[0]].in_features for g in spec.groups) * 4
+        # every candidate runs each group's parent on the sample (together about one block), plus the reference
+        points = method.grid * (2 if method.duo_scaling == "both" else 1) + 2
+        search_flops = len(blocks) * points * (2 * block_params * st + 4 * st * seq_len * d)
     device_bytes = int(sum(parts.values()))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cpu_bytes = (model_bytes + (acts if device.type == "cpu" or offload else 0) + (hess - device_hess)
                  + host_sample)
     rate = rate or matmul_rate(device, dtype if device.type == "cuda" else torch.float32)
-    flops = len(blocks) * runs * (2 * block_params * tokens + 4 * n_samples * seq_len**2 * d)
+    flops = len(blocks) * runs * (2 * block_params * tokens + 4 * n_samples * seq_len**2 * d) + search_flops
     if isinstance(gq, GPTQMethod):
         flops += len(blocks) * sum(m.in_features**3 + 2 * m.out_features * m.in_features**2
                                    for m in linears.values())
