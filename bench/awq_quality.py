@@ -39,8 +39,8 @@ log = logging.getLogger("awq_quality")
 CLIP_VARIANTS = {"awq-clip": ("awq", True), "awq-noclip": ("awq", False),
                  "awq+gptq-clip": ("awq+gptq", True), "awq+gptq-noclip": ("awq+gptq", False)}
 #: trailing options: "-linear" scores the scale search by the linears' own outputs (not their parent
-#: module's), "-t<N>" scores N tokens (default 2048), "-both" tries both duo-scaling grids, "-float" passes on
-#: each block's float outputs (AutoAWQ) instead of its quantized ones
+#: module's), "-t<N>" scores N tokens (default AWQMethod.max_tokens), "-both" tries both duo-scaling
+#: grids, "-float" passes on each block's float outputs (AutoAWQ) instead of its quantized ones
 
 
 def parse_variant(variant: str) -> tuple[str, str, dict[str, Any]]:
@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--autoawq-python", default=None,
                    help="python of AutoAWQ's venv (autoawq 0.2.9 + transformers 4.51; skip the peer if unset)")
     p.add_argument("--reuse-peer", action="store_true",
-                   help="reuse llm-compressor's artifact from an earlier run with the same --out (same tokens)")
+                   help="reuse the peers' artifacts from an earlier run with the same --out (same tokens)")
     p.add_argument("--out", default="bench/results/awq")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -126,8 +126,9 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
         st = min(tokens, method.max_tokens)
         parts["AWQ search"] = float(st * (2 * d + inter) * elt + st * d * 4)
         host_sample = st * sum(linears[g.linears[0]].in_features for g in spec.groups) * 4
-        # every candidate runs each group's parent on the sample (together about one block), plus the reference
-        points = method.grid * (2 if method.duo_scaling == "both" else 1) + 2
+        # every candidate runs each group's parent on the sample (together about one block): the identity, the
+        # alpha grid (both grids share alpha 0's identity under "both"), and the reference run
+        points = (2 * method.grid - 1 if method.duo_scaling == "both" else method.grid) + 2
         search_flops = len(blocks) * points * (2 * block_params * st + 4 * st * seq_len * d)
     device_bytes = int(sum(parts.values()))
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
