@@ -253,6 +253,9 @@ class TimedMethod:
         return out
 
 
+REPLAY = [True]  # GPTQMethod.replay_attention (--no-replay turns it off)
+
+
 def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, offload: bool,
                cfg: Any, layers: int, rates: dict[str, float], gcfg: Any, timed: bool = True
                ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -261,7 +264,8 @@ def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, 
     from lowbit.pipeline.gptq import GPTQMethod
 
     timers: dict[str, float] = {}
-    method = TimedMethod(GPTQMethod(QuantScheme(4, 128, True), gcfg, timers=timers if timed else None), dev)
+    method = TimedMethod(GPTQMethod(QuantScheme(4, 128, True), gcfg, timers=timers if timed else None,
+                                    replay_attention=REPLAY[0]), dev)
     _fresh_peak(dev)
     t0 = time.perf_counter()
     result = run_blockwise(model, method, tokens, device=dev, progress=False, offload_activations=offload)
@@ -318,7 +322,7 @@ def profile_run(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device,
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     if dev.type == "cuda":
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-    method = GPTQMethod(QuantScheme(4, 128, True), gcfg)
+    method = GPTQMethod(QuantScheme(4, 128, True), gcfg, replay_attention=REPLAY[0])
     _fresh_peak(dev)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
@@ -585,8 +589,11 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/gptq_speed_work", help="scratch folder (the peer's config + tokenizer)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler over one lowbit run of the small model (tables in OUT/gptq_profile.txt)")
+    p.add_argument("--no-replay", action="store_true",
+                   help="lowbit without the attention replay (GPTQMethod.replay_attention=False), for A/B runs")
     p.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    REPLAY[0] = not a.no_replay
     if a.peer_child:
         peer_child(a)
         return

@@ -35,6 +35,9 @@ class ArchSpec:
     norm_offset: float = 0.0
     ignore: tuple[str, ...] = ("lm_head",)
     tokenwise: tuple[str, ...] = ("mlp",)
+    # (attention module, its output projection) where the module returns ``(proj(z), ...)`` for the
+    # projection's input z: the engine may replay the attention from saved z (lowbit.pipeline.replay)
+    attn_out: tuple[str, str] | None = None
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -47,17 +50,18 @@ _O = LinearGroup("self_attn.v_proj", ("self_attn.o_proj",))
 _DOWN = LinearGroup("mlp.up_proj", ("mlp.down_proj",))
 
 _LLAMA_LIKE = (_ATTN, _O, LinearGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _DOWN)
+_ATTN_OUT = ("self_attn", "self_attn.o_proj")
 
 ARCHS: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", "model.layers", _LLAMA_LIKE),
-    "MistralForCausalLM": ArchSpec("MistralForCausalLM", "model.layers", _LLAMA_LIKE),
-    "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", "model.layers", _LLAMA_LIKE),
+    "LlamaForCausalLM": ArchSpec("LlamaForCausalLM", "model.layers", _LLAMA_LIKE, attn_out=_ATTN_OUT),
+    "MistralForCausalLM": ArchSpec("MistralForCausalLM", "model.layers", _LLAMA_LIKE, attn_out=_ATTN_OUT),
+    "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", "model.layers", _LLAMA_LIKE, attn_out=_ATTN_OUT),
     # Gemma 3: the attention output goes through post_attention_layernorm *after* o_proj, and the
     # MLP input is pre_feedforward_layernorm; RMSNorm weights are offsets from 1.
     "Gemma3ForCausalLM": ArchSpec(
         "Gemma3ForCausalLM", "model.layers",
         (_ATTN, _O, LinearGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _DOWN),
-        norm_offset=1.0,
+        norm_offset=1.0, attn_out=_ATTN_OUT,
     ),
 }
 

@@ -22,7 +22,8 @@ for one such run (GPTQ Hessians, AWQ activation magnitudes, imatrix ``E[x^2]``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -34,7 +35,8 @@ from torch import nn
 from lowbit.core.errors import LowbitError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks
-from lowbit.pipeline.transfer import HostCopier, offload, onload, stage, uploads
+from lowbit.pipeline.replay import AttnReplay, attn_replay, maybe_active, saved_inputs
+from lowbit.pipeline.transfer import HostCopier, copies_done, offload, onload, stage, to_host_pinned, uploads
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,9 @@ class BlockContext:
     # calibration); such a method sets ``fp_outputs``, the float model's inputs of the next block
     fp_inputs: list[torch.Tensor] | None = None
     fp_outputs: list[torch.Tensor] | None = None
+    # the attention replayed from its output projection's saved inputs (lowbit.pipeline.replay), if the
+    # architecture table names them; runs replay once a method saved them (``collect(save_attn=True)``)
+    replay: AttnReplay | None = None
 
     @torch.inference_mode()
     def run(self, keep_outputs: bool = False) -> None:
@@ -79,19 +84,25 @@ class BlockContext:
             self.outputs = outs
 
     @torch.inference_mode()
-    def forward_all(self, inputs: list[torch.Tensor], keep_outputs: bool = True) -> list[torch.Tensor]:
-        """The block's outputs for ``inputs`` (each back where its input lives), or none."""
+    def forward_all(self, inputs: list[torch.Tensor], keep_outputs: bool = True, src: str = "quantized"
+                    ) -> list[torch.Tensor]:
+        """The block's outputs for ``inputs`` (each back where its input lives), or none; the attention
+        replays the saved inputs of ``src`` when there are some (``src="float"``: the float model's)."""
         outs = []
-        for x, xd in zip(inputs, uploads(inputs, self.device), strict=True):
-            try:
-                y = self.block(xd, **self.kwargs)
-            except _StopBlock:
+        zd = saved_inputs(self.replay, src, len(inputs), self.device)
+        with maybe_active(self.replay, src) as rp:
+            for x, xd, z in zip(inputs, uploads(inputs, self.device), zd, strict=True):
+                if rp is not None:
+                    rp.z, rp.src = z, src
+                try:
+                    y = self.block(xd, **self.kwargs)
+                except _StopBlock:
+                    if keep_outputs:
+                        raise
+                    continue
+                y = y[0] if isinstance(y, tuple) else y
                 if keep_outputs:
-                    raise
-                continue
-            y = y[0] if isinstance(y, tuple) else y
-            if keep_outputs:
-                outs.append(_to_home(y, x.device))
+                    outs.append(_to_home(y, x.device))
         return outs
 
 
@@ -105,12 +116,15 @@ class BlockMethod(Protocol):
 
 
 def collect(ctx: BlockContext, make: Callable[[str, nn.Linear], Observer],
-            names: list[str] | None = None, keep_outputs: bool = False) -> dict[str, Observer]:
+            names: list[str] | None = None, keep_outputs: bool = False, save_attn: bool = False
+            ) -> dict[str, Observer]:
     """One run of the block with an observer on the input of each named linear.
 
     With ``keep_outputs`` the block's (unquantized) outputs of this run are kept and passed on
     to the next block unchanged (``ctx.outputs_ready``): one forward per block instead of two,
     for methods whose statistics should come from the float model (llama.cpp's imatrix does).
+    With ``save_attn`` (only once the attention's q/k/v weights are final) the inputs of the
+    attention's output projection are kept, and later runs replay the attention from them.
     """
     order = [n for n in ctx.linears if n in set(names or ctx.linears)]  # execution order
     obs = {n: make(n, ctx.linears[n]) for n in order}
@@ -125,12 +139,39 @@ def collect(ctx: BlockContext, make: Callable[[str, nn.Linear], Observer],
 
     handles = [ctx.linears[n].register_forward_pre_hook(hook(n, o)) for n, o in obs.items()]
     try:
-        ctx.run(keep_outputs=keep_outputs)
+        with saving_attn(ctx, "quantized", save_attn):
+            ctx.run(keep_outputs=keep_outputs)
         ctx.outputs_ready = keep_outputs
     finally:
         for h in handles:
             h.remove()
     return obs
+
+
+@contextmanager
+def saving_attn(ctx: BlockContext, src: str, on: bool = True, active: Callable[[], bool] | None = None
+                ) -> Iterator[None]:
+    """Within: a pre-hook (first of all) keeps each input of the attention's output projection, where
+    the block inputs live (while ``active()``, if given); on a clean exit with one per sample they
+    become the saved ``z`` of source ``src`` (a no-op unless ``on`` and the block has a replay)."""
+    rp = ctx.replay
+    if not on or rp is None:
+        yield
+        return
+    saved: list[torch.Tensor] = []
+    home = ctx.inputs[0].device if ctx.inputs else ctx.device
+
+    def keep(m: nn.Module, args: tuple) -> None:
+        if active is None or active():
+            saved.append(_to_home(args[0].detach(), home))
+
+    h = rp.proj.register_forward_pre_hook(keep, prepend=True)
+    try:
+        yield
+    finally:
+        h.remove()
+    if len(saved) == len(ctx.inputs):
+        rp.saved[src] = saved
 
 
 def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device,
@@ -157,13 +198,12 @@ def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device,
 
 
 def _to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
-    """``t`` moved to ``home``; CPU copies of CUDA tensors go to pinned memory, asynchronously
-    (later reads are uploads on the same stream, which CUDA orders after the copy)."""
+    """``t`` moved to ``home``; CPU copies of CUDA tensors go to pinned memory, asynchronously, on
+    a copy-out stream (:func:`uploads` orders after it; the engine waits for it before each block)."""
     if t.device == home:
         return t
     if home.type == "cpu" and t.device.type == "cuda":
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return out.copy_(t, non_blocking=True)
+        return to_host_pinned(t)
     return t.to(home)
 
 
@@ -229,13 +269,18 @@ def capture_inputs(model: nn.Module, tokens: torch.Tensor, spec: ArchSpec, devic
     return hidden, kwargs
 
 
-def _check_finite(name: str, w: torch.Tensor) -> None:
-    if torch.isfinite(torch.sum(w, dtype=torch.float32)):  # fast path, no full-size temporary
+def _check_finite(prefix: str, linears: dict[str, nn.Linear]) -> None:
+    """Refuse NaN/Inf weights. One sum per weight (no full-size temporary), read back once: run it
+    where the weights are (a block just moved to the GPU checks there, in ~0.1 ms, instead of
+    summing the whole model on the host first, about 3 s for an 8B model)."""
+    sums = torch.stack([torch.sum(lin.weight, dtype=torch.float32) for lin in linears.values()])
+    if bool(torch.isfinite(sums).all()):  # fast path
         return
-    if not torch.isfinite(w).all():
-        bad = int((~torch.isfinite(w)).sum())
-        raise LowbitError(f"{name}.weight has {bad} NaN/Inf values: the checkpoint is corrupt or was "
-                          "saved after a diverged run; re-download or re-export it before quantizing")
+    for n, lin in linears.items():
+        if not torch.isfinite(lin.weight).all():
+            bad = int((~torch.isfinite(lin.weight)).sum())
+            raise LowbitError(f"{prefix}.{n}.weight has {bad} NaN/Inf values: the checkpoint is corrupt or was "
+                              "saved after a diverged run; re-download or re-export it before quantizing")
 
 
 def _write_back(qw: Any, lin: nn.Linear) -> None:
@@ -261,9 +306,9 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
     spec = get_arch(model)
     dev = torch.device(device)
     blocks = get_blocks(model, spec)
-    for i, block in enumerate(blocks):
-        for n, lin in block_linears(block, spec, i).items():
-            _check_finite(f"{spec.blocks}.{i}.{n}", lin.weight)
+    early = dev.type == "cpu"  # a CPU run checks every weight first; else each block, once on the device
+    for i, block in enumerate(blocks if early else []):
+        _check_finite(f"{spec.blocks}.{i}", block_linears(block, spec, i))
     calibrated = method.needs_calibration
     if calibrated:
         if tokens is None or tokens.numel() == 0:
@@ -282,8 +327,12 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
                 homes = onload(block, dev, staged.result() if staged is not None else None)
                 nxt = i + 1 < len(blocks) and copier.cuda
                 staged = copier.submit(partial(stage, blocks[i + 1])) if nxt else None  # pinned, meanwhile
-                ctx = BlockContext(i, block, block_linears(block, spec, i), spec, dev, hidden, kwargs[i],
-                                   fp_inputs=fp_hidden)
+                linears = block_linears(block, spec, i)
+                if not early:
+                    _check_finite(f"{spec.blocks}.{i}", linears)
+                copies_done(dev)  # activations written to the host by the previous block have landed
+                ctx = BlockContext(i, block, linears, spec, dev, hidden, kwargs[i], fp_inputs=fp_hidden,
+                                   replay=attn_replay(block, spec, i))
                 qws = method.quantize_block(ctx)
                 if fp_hidden is not None:
                     if ctx.fp_outputs is None:

@@ -5,6 +5,7 @@ Peak device memory of the block-by-block engine::
 
     block weights (compute dtype)
   + calibration activations, inputs and outputs of one block:   2 n T d  x bytes
+    (GPTQ: and the attention's saved outputs before o_proj, n T d_attn x bytes, for its replay)
   + the working set of one forward of one sample:               T (3 I + 4 d) x 4 + heads T^2 x 4
   + statistics: GPTQ Hessians of one stage (all stages without true-sequential), in^2 x 4 each
                 (on the CPU with ``hessians_on_cpu``); imatrix vectors are negligible
@@ -111,6 +112,11 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
         hess = max(stats(st) for st in stages)
         paired = sum(1 for st in stages if st.asym)
         runs = len(stages) + paired + 1
+        proj = spec.attn_out[1] if spec.attn_out is not None and gq.replay_attention else None
+        if proj is not None and any(proj in st.groups[0] for st in stages):  # its saved inputs (for the replay)
+            z = linears[proj].in_features
+            acts += tokens * z * elt
+            device_acts += (seq_len if offload else tokens) * z * elt
         if gq.float_inputs:  # the float block runs beside the quantized one, with copies of what changed
             acts, device_acts = 2 * acts, 2 * device_acts
             float_copy = sum(linears[n].weight.numel() * linears[n].weight.element_size() for n in copies)

@@ -65,6 +65,9 @@ class GPTQMethod:
     needs_calibration: bool = True
     stats: dict[str, GPTQStats] = field(default_factory=dict)
     timers: dict[str, float] | None = None  # phase -> seconds (synchronising) when a dict is given
+    # later runs of a block replay its attention from o_proj's inputs, kept by the stage that starts at o_proj
+    # (q/k/v final by then): same results, about a third less forward time (lowbit.pipeline.replay)
+    replay_attention: bool = True
     writes_back = True  # quantize_block leaves the dequantized weights in the block (the engine need not)
 
     @property
@@ -112,20 +115,22 @@ class GPTQMethod:
             fw = float_weights(ctx, copies)
         top = self.config.search_guard if self.config.search else 0  # tokens kept for the search guard
         out: dict[str, QuantizedWeight] = {}
+        proj = ctx.spec.attn_out[1] if ctx.spec.attn_out and self.replay_attention else None
         for stage in stages:
             t0 = tick(self.timers, ctx.device)
             firsts = [g[0] for g in stage.groups]
+            save = proj is not None and proj in stage.groups[0]  # every group before it is final
             obs: dict[str, Any]
             if not stage.asym:  # (the stage with the float outputs is paired: it is the last with asym)
                 obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, hdev, self.timers,
-                                                                  keep_top=top), names=firsts)
+                                                                  keep_top=top), names=firsts, save_attn=save)
             else:
                 assert fw is not None
 
                 def paired(n: str, lin: nn.Linear, asym: frozenset[str] = stage.asym) -> HessianObserver:
                     return HessianObserver(lin.in_features, hdev, self.timers, cross=n in asym, keep_top=top)
 
-                obs = collect_paired(ctx, paired, firsts, fw, float_outputs=stage.float_outputs)
+                obs = collect_paired(ctx, paired, firsts, fw, float_outputs=stage.float_outputs, save_attn=save)
                 if stage.float_outputs:
                     fw = None  # no later stage runs the float block
             tock(self.timers, "forward+hessian", t0, ctx.device)

@@ -17,7 +17,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from lowbit.pipeline.blockwise import BlockContext, _StopBlock, _to_home
+from lowbit.pipeline.blockwise import BlockContext, _StopBlock, _to_home, saving_attn
+from lowbit.pipeline.replay import maybe_active, saved_inputs
 from lowbit.pipeline.transfer import uploads
 
 
@@ -34,14 +35,17 @@ def float_weights(ctx: BlockContext, names: Iterable[str] | None = None) -> dict
 
 
 def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObserver], names: list[str],
-                   weights: dict[str, torch.Tensor], float_outputs: bool = False) -> dict[str, PairedObserver]:
+                   weights: dict[str, torch.Tensor], float_outputs: bool = False, save_attn: bool = False
+                   ) -> dict[str, PairedObserver]:
     """One paired run of the block per sample (float weights on ``ctx.fp_inputs``, then the current
     weights on ``ctx.inputs``) with an observer on the inputs of each named linear. ``weights`` holds
     the float weights of the linears already quantized; the others' current weights are float.
 
     With ``float_outputs`` the float runs go through the whole block and their outputs, the float
     model's inputs of the next block, are left in ``ctx.fp_outputs`` (each where its input lives):
-    no separate float forward of the block is needed.
+    no separate float forward of the block is needed. With ``save_attn`` both passes keep the inputs
+    of the attention's output projection (:func:`~lowbit.pipeline.blockwise.saving_attn`), and later runs
+    of either model replay the attention from them.
     """
     if ctx.fp_inputs is None:
         raise ValueError("paired statistics need the float model's block inputs (ctx.fp_inputs)")
@@ -70,13 +74,20 @@ def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObs
 
     handles = [ctx.linears[n].register_forward_pre_hook(hook(n, o)) for n, o in obs.items()]
     outs: list[torch.Tensor] = []
+    n = len(ctx.inputs)
+    zfs, zqs = (saved_inputs(ctx.replay, src, n, ctx.device) for src in ("float", "quantized"))
     try:
-        with torch.inference_mode():  # the observers were made outside it: they stay updatable
-            for home, xq, xf in zip(ctx.fp_inputs, uploads(ctx.inputs, ctx.device),
-                                    uploads(ctx.fp_inputs, ctx.device), strict=True):
+        with (torch.inference_mode(),  # the observers were made outside it: they stay updatable
+              saving_attn(ctx, "float", save_attn, active=lambda: float_pass[0]),
+              saving_attn(ctx, "quantized", save_attn, active=lambda: not float_pass[0]),
+              maybe_active(ctx.replay, "float", "quantized") as rp):
+            for home, xq, xf, zfd, zqd in zip(ctx.fp_inputs, uploads(ctx.inputs, ctx.device),
+                                              uploads(ctx.fp_inputs, ctx.device), zfs, zqs, strict=True):
                 for is_float, x in ((True, xf), (False, xq)):
                     float_pass[0] = is_float
                     use(floats if is_float else current)
+                    if rp is not None:
+                        rp.z, rp.src = (zfd, "float") if is_float else (zqd, "quantized")
                     try:
                         y = ctx.block(x, **ctx.kwargs)
                     except _StopBlock:

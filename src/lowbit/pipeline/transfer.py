@@ -84,6 +84,44 @@ def to_host_async(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
+_COPY_OUT: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _norm(device: torch.device) -> torch.device:
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def _copy_out_stream(device: torch.device) -> torch.cuda.Stream:
+    device = _norm(device)
+    if device not in _COPY_OUT:
+        _COPY_OUT[device] = torch.cuda.Stream(device)
+    return _COPY_OUT[device]
+
+
+def to_host_pinned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a CUDA tensor) copied into new pinned host memory on the device's copy-out stream,
+    after the work queued so far on the current stream: the copy overlaps the next computation
+    instead of holding it up (16 MiB, ~0.3 ms, per 2048-token sample of a 4096-wide model).
+
+    Ordering: :func:`uploads` waits for the copy-out stream before its first upload, and
+    :func:`copies_done` makes the host wait for it; read the result on the host only after that.
+    """
+    main = torch.cuda.current_stream(t.device)
+    side = _copy_out_stream(t.device)
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out.copy_(t, non_blocking=True)
+    t.record_stream(side)  # t's memory is not reused before the copy has read it
+    return out
+
+
+def copies_done(device: torch.device) -> None:
+    """Block the host until every :func:`to_host_pinned` copy from ``device`` has landed."""
+    if device.type == "cuda" and _norm(device) in _COPY_OUT:
+        _COPY_OUT[_norm(device)].synchronize()
+
+
 def stage(module: nn.Module) -> dict[str, torch.Tensor]:
     """Pinned copies of ``module``'s host parameters and buffers, for a fast upload later (a host
     memcpy; run it in the background while the device works on the previous block)."""
@@ -144,6 +182,9 @@ def uploads(xs: list[torch.Tensor], device: torch.device) -> Iterator[torch.Tens
         return
     main = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
+    side.wait_stream(main)  # host tensors written by copies queued before (outputs of the previous run)
+    if _norm(device) in _COPY_OUT:
+        side.wait_stream(_COPY_OUT[_norm(device)])
 
     def start(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
         with torch.cuda.stream(side):
