@@ -591,9 +591,17 @@ def main() -> None:
                    help="torch.profiler over one lowbit run of the small model (tables in OUT/gptq_profile.txt)")
     p.add_argument("--no-replay", action="store_true",
                    help="lowbit without the attention replay (GPTQMethod.replay_attention=False), for A/B runs")
+    p.add_argument("--no-prewarm", action="store_true",
+                   help="lowbit without the background pinning of host memory and GPTQ warm-up, for A/B runs")
     p.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     REPLAY[0] = not a.no_replay
+    if a.no_prewarm:  # A/B: the engine pins its host activations as it goes, and GPTQ compiles in block 0
+        import lowbit.pipeline.blockwise as bw
+        from lowbit.pipeline.gptq import GPTQMethod
+
+        bw.prewarm_pinned = lambda *args, **kw: None  # type: ignore[assignment]
+        GPTQMethod.prepare = lambda self, device: None  # type: ignore[method-assign]
     if a.peer_child:
         peer_child(a)
         return

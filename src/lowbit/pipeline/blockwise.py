@@ -22,8 +22,7 @@ for one such run (GPTQ Hessians, AWQ activation magnitudes, imatrix ``E[x^2]``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -35,14 +34,11 @@ from torch import nn
 from lowbit.core.errors import LowbitError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks
-from lowbit.pipeline.replay import AttnReplay, attn_replay, maybe_active, saved_inputs
-from lowbit.pipeline.transfer import HostCopier, copies_done, offload, onload, stage, to_host_pinned, uploads
+from lowbit.pipeline.capture import capture_inputs
+from lowbit.pipeline.replay import AttnReplay, attn_replay, maybe_active, saved_inputs, saving_attn
+from lowbit.pipeline.transfer import HostCopier, copies_done, offload, onload, prewarm_pinned, stage, to_home, uploads
 
 log = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once block 0's input is recorded."""
 
 
 class _StopBlock(Exception):
@@ -102,7 +98,7 @@ class BlockContext:
                     continue
                 y = y[0] if isinstance(y, tuple) else y
                 if keep_outputs:
-                    outs.append(_to_home(y, x.device))
+                    outs.append(to_home(y, x.device))
         return outs
 
 
@@ -148,127 +144,6 @@ def collect(ctx: BlockContext, make: Callable[[str, nn.Linear], Observer],
     return obs
 
 
-@contextmanager
-def saving_attn(ctx: BlockContext, src: str, on: bool = True, active: Callable[[], bool] | None = None
-                ) -> Iterator[None]:
-    """Within: a pre-hook (first of all) keeps each input of the attention's output projection, where
-    the block inputs live (while ``active()``, if given); on a clean exit with one per sample they
-    become the saved ``z`` of source ``src`` (a no-op unless ``on`` and the block has a replay)."""
-    rp = ctx.replay
-    if not on or rp is None:
-        yield
-        return
-    saved: list[torch.Tensor] = []
-    home = ctx.inputs[0].device if ctx.inputs else ctx.device
-
-    def keep(m: nn.Module, args: tuple) -> None:
-        if active is None or active():
-            saved.append(_to_home(args[0].detach(), home))
-
-    h = rp.proj.register_forward_pre_hook(keep, prepend=True)
-    try:
-        yield
-    finally:
-        h.remove()
-    if len(saved) == len(ctx.inputs):
-        rp.saved[src] = saved
-
-
-def _move_outside_blocks(model: nn.Module, prefix: str, device: torch.device,
-                         homes: dict[str, torch.Tensor] | None = None, head: bool = True) -> dict[str, torch.Tensor]:
-    """Move what lies outside the decoder blocks (embeddings, final norm, and the output head unless
-    ``head`` is False) to ``device``, or, given the ``homes`` a first call returned, point it back at
-    its unchanged host tensors (no copy back)."""
-    moved: dict[str, torch.Tensor] = {}
-    m: Any = model
-    out_emb = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-    in_emb = m.get_input_embeddings() if hasattr(m, "get_input_embeddings") else None
-    skip: set[int] = set()
-    if not head and out_emb is not None and (in_emb is None or out_emb.weight is not in_emb.weight):
-        skip = {id(p) for p in out_emb.parameters()}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith(prefix + ".") or id(t) in skip:
-            continue
-        if homes is not None:
-            t.data = homes.get(name, t.data)
-        elif device.type != "cpu" and t.device != device:
-            moved[name] = t.data
-            t.data = t.data.to(device)
-    return moved
-
-
-def _to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
-    """``t`` moved to ``home``; CPU copies of CUDA tensors go to pinned memory, asynchronously, on
-    a copy-out stream (:func:`uploads` orders after it; the engine waits for it before each block)."""
-    if t.device == home:
-        return t
-    if home.type == "cpu" and t.device.type == "cuda":
-        return to_host_pinned(t)
-    return t.to(home)
-
-
-@torch.inference_mode()
-def capture_inputs(model: nn.Module, tokens: torch.Tensor, spec: ArchSpec, device: torch.device,
-                   offload: bool = False) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Inputs of block 0 for every sample ``tokens (n, T)``, and the kwargs of every block.
-
-    With ``offload`` the activations are kept in (pinned) CPU memory and visit the device one
-    sample at a time: device memory then holds no ``n x T x hidden`` activations at all.
-
-    Models whose config names several ``layer_types`` (sliding and full attention: Gemma 3,
-    Qwen2 / Mistral with sliding windows) pass each block its own masks and rotary embeddings:
-    their first sample runs the whole model once to record them. Otherwise every block receives
-    block 0's kwargs and no sample goes past block 0.
-    """
-    blocks = get_blocks(model, spec)
-    hidden: list[torch.Tensor] = []
-    kwargs: list[dict[str, Any]] = [{} for _ in blocks]
-    layer_types = getattr(getattr(model, "config", None), "layer_types", None) or []
-    per_layer = len(set(layer_types)) > 1
-    probing = per_layer
-
-    def pre(i: int) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
-            if i == 0:
-                h = args[0] if args else kw["hidden_states"]
-                hidden.append(_to_home(h, torch.device("cpu")) if offload else h)
-                if not kwargs[0]:
-                    kwargs[0] = {k: v for k, v in kw.items() if k != "hidden_states"}
-            if probing:
-                kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
-                if device.type != "cpu":
-                    mod.to(device)
-                return
-            raise _StopForward
-        return hook
-
-    def post(mod: nn.Module, args: tuple, out: Any) -> None:
-        if probing and device.type != "cpu":
-            mod.to("cpu")
-
-    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    handles += [b.register_forward_hook(post) for b in blocks]
-    homes = _move_outside_blocks(model, spec.blocks, device, head=per_layer)  # the head runs only when probing
-    try:
-        for s in range(tokens.shape[0]):
-            try:
-                model(tokens[s : s + 1].to(device), use_cache=False)
-            except _StopForward:
-                pass
-            probing = False
-    finally:
-        for h in handles:
-            h.remove()
-        _move_outside_blocks(model, spec.blocks, device, homes)
-    if not per_layer:
-        kwargs = [kwargs[0]] * len(blocks)
-    for kw in kwargs:
-        kw.pop("past_key_values", None)
-        kw.pop("past_key_value", None)
-        kw["use_cache"] = False
-    return hidden, kwargs
-
-
 def _check_finite(prefix: str, linears: dict[str, nn.Linear]) -> None:
     """Refuse NaN/Inf weights. One sum per weight (no full-size temporary), read back once: run it
     where the weights are (a block just moved to the GPU checks there, in ~0.1 ms, instead of
@@ -295,6 +170,20 @@ def _store(result: dict[str, QuantizedWeight], key: str, qw: QuantizedWeight) ->
     result[key] = qw.to("cpu")
 
 
+def _prewarm(model: nn.Module, method: BlockMethod, spec: ArchSpec, tokens: torch.Tensor | None) -> None:
+    """Pin, in the background, the host memory the offloaded activations will take beyond the
+    captured inputs: sets of ``n`` samples ``(1, T, hidden)`` each: inputs and outputs of a block
+    (twice under asymmetric calibration), plus what the method keeps (``host_sets``: GPTQ's saved
+    attention inputs), less the captured set."""
+    d = getattr(getattr(model, "config", None), "hidden_size", None)
+    if tokens is None or not isinstance(d, int):
+        return
+    twice = 2 if getattr(method, "float_inputs", False) else 1
+    extra = getattr(method, "host_sets", None)
+    sets = 2 * twice + (extra(spec) if extra is not None else 0) - 1
+    prewarm_pinned((1, tokens.shape[1], d), next(model.parameters()).dtype, sets * tokens.shape[0])
+
+
 def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | None = None,
                   device: str | torch.device = "cpu", progress: bool = True, offload_activations: bool = False
                   ) -> dict[str, QuantizedWeight]:
@@ -310,10 +199,17 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
     for i, block in enumerate(blocks if early else []):
         _check_finite(f"{spec.blocks}.{i}", block_linears(block, spec, i))
     calibrated = method.needs_calibration
+    if calibrated and (tokens is None or tokens.numel() == 0):
+        raise LowbitError("this method needs calibration tokens; pass --calib (e.g. c4 or a text file)")
+    prepare = getattr(method, "prepare", None)
+    if prepare is not None:
+        prepare(dev)  # e.g. compile kernels in the background while the inputs are captured
+    offload_acts = offload_activations and dev.type != "cpu"
+    if calibrated and offload_acts:
+        _prewarm(model, method, spec, tokens)
     if calibrated:
-        if tokens is None or tokens.numel() == 0:
-            raise LowbitError("this method needs calibration tokens; pass --calib (e.g. c4 or a text file)")
-        hidden, kwargs = capture_inputs(model, tokens, spec, dev, offload=offload_activations and dev.type != "cpu")
+        assert tokens is not None
+        hidden, kwargs = capture_inputs(model, tokens, spec, dev, offload=offload_acts)
     else:
         hidden, kwargs = [], [{} for _ in blocks]
     fp_hidden = hidden if calibrated and getattr(method, "float_inputs", False) else None

@@ -17,9 +17,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from lowbit.pipeline.blockwise import BlockContext, _StopBlock, _to_home, saving_attn
-from lowbit.pipeline.replay import maybe_active, saved_inputs
-from lowbit.pipeline.transfer import uploads
+from lowbit.pipeline.blockwise import BlockContext, _StopBlock
+from lowbit.pipeline.replay import maybe_active, saved_inputs, saving_attn
+from lowbit.pipeline.transfer import to_home, uploads
 
 
 class PairedObserver(Protocol):
@@ -44,7 +44,7 @@ def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObs
     With ``float_outputs`` the float runs go through the whole block and their outputs, the float
     model's inputs of the next block, are left in ``ctx.fp_outputs`` (each where its input lives):
     no separate float forward of the block is needed. With ``save_attn`` both passes keep the inputs
-    of the attention's output projection (:func:`~lowbit.pipeline.blockwise.saving_attn`), and later runs
+    of the attention's output projection (:func:`~lowbit.pipeline.replay.saving_attn`), and later runs
     of either model replay the attention from them.
     """
     if ctx.fp_inputs is None:
@@ -93,7 +93,7 @@ def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObs
                     except _StopBlock:
                         continue
                     y = y[0] if isinstance(y, tuple) else y
-                    outs.append(_to_home(y, home.device))
+                    outs.append(to_home(y, home.device))
     finally:
         use(current)
         for h in handles:

@@ -22,13 +22,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lowbit.models.archs import ArchSpec
-from lowbit.pipeline.transfer import uploads
+from lowbit.pipeline.transfer import to_home, uploads
+
+if TYPE_CHECKING:
+    from lowbit.pipeline.blockwise import BlockContext
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -128,3 +131,29 @@ def attn_replay(block: nn.Module, spec: ArchSpec, index: int) -> AttnReplay | No
     proj = block.get_submodule(proj_name)
     assert isinstance(proj, nn.Linear)
     return AttnReplay(block.get_submodule(attn_name), proj, f"{spec.blocks}.{index}.{attn_name}", spec.name)
+
+
+@contextmanager
+def saving_attn(ctx: BlockContext, src: str, on: bool = True, active: Callable[[], bool] | None = None
+                ) -> Iterator[None]:
+    """Within: a pre-hook (first of all) keeps each input of the attention's output projection, where
+    the block inputs live (while ``active()``, if given); on a clean exit with one per sample they
+    become the saved ``z`` of source ``src`` (a no-op unless ``on`` and the block has a replay)."""
+    rp = ctx.replay
+    if not on or rp is None:
+        yield
+        return
+    saved: list[torch.Tensor] = []
+    home = ctx.inputs[0].device if ctx.inputs else ctx.device
+
+    def keep(m: nn.Module, args: tuple) -> None:
+        if active is None or active():
+            saved.append(to_home(args[0].detach(), home))
+
+    h = rp.proj.register_forward_pre_hook(keep, prepend=True)
+    try:
+        yield
+    finally:
+        h.remove()
+    if len(saved) == len(ctx.inputs):
+        rp.saved[src] = saved
