@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--llmc-python", default=None, help="python of llm-compressor's venv (skip the peer if unset)")
     p.add_argument("--gptqmodel", action="store_true",
                    help="also GPTQModel's GPTQ (installed in this python; bench/peers/gptqmodel_gptq.py)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the C4 calibration sample (the same for every method)")
     p.add_argument("--reuse-peer", action="store_true",
                    help="reuse llm-compressor's artifact from an earlier run with the same --out (same tokens)")
     p.add_argument("--reuse-lowbit", action="store_true",
@@ -73,7 +74,8 @@ def main() -> None:
     rows: list[dict] = []
     for name in a.models:
         ref = load_model(name)
-        tokens = calibration_tokens(ref.tokenizer, resolve_calib_texts("c4"), a.calib_samples, a.calib_len, seed=0)
+        tokens = calibration_tokens(ref.tokenizer, resolve_calib_texts("c4"), a.calib_samples, a.calib_len,
+                                    seed=a.seed)
         tok_file = out / name / "calib_tokens.safetensors"
         tok_file.parent.mkdir(parents=True, exist_ok=True)
         save_file({"tokens": tokens.contiguous()}, str(tok_file))

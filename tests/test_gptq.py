@@ -196,8 +196,8 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
     assert est.parts["hessians"] == 128 * 128 * 4  # the largest stage: down_proj's input, in = 128
     # block inputs, outputs, and o_proj's inputs kept for the attention's replay
     assert est.parts["activations"] == 3 * 8 * 64 * 64 * 4 and est.seconds > 0
-    off = estimate.estimate_run(model, get_arch(model), GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.0),
-                                                                   replay_attention=False), 8, 64, torch.device("cpu"), 1e9)
+    no_replay = GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_alpha=0.0), replay_attention=False)
+    off = estimate.estimate_run(model, get_arch(model), no_replay, 8, 64, torch.device("cpu"), 1e9)
     assert off.parts["activations"] == 2 * 8 * 64 * 64 * 4
     # GPTAQ: D beside H, the float model's activations, a float copy of the block, two runs per stage
     aq = estimate.estimate_run(model, get_arch(model), GPTQMethod(QuantScheme(4, 32), GPTQConfig(asym_scope="all")),
