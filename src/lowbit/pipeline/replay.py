@@ -44,7 +44,6 @@ class AttnReplay:
         self.attn, self.proj, self.name, self.arch = attn, proj, name, arch
         self.saved: dict[str, list[torch.Tensor]] = {}  # source ("quantized" | "float") -> z per sample
         self.ok = True  # False once a check found the replay wrong for this block
-        self.calls = 0  # replayed calls (what the tests count)
         self.z: torch.Tensor | None = None  # the current sample's z, set by the run loop
         self.src = ""
         self._checked: set[str] = set()
@@ -80,7 +79,6 @@ class AttnReplay:
                 (log.debug if self.arch in _warned else log.warning)(msg)
                 _warned.add(self.arch)
             return ref
-        self.calls += 1
         out = self.proj(z)
         return out if self._tail is None else (out, *self._tail)
 
