@@ -254,6 +254,7 @@ class TimedMethod:
 
 
 REPLAY = [True]  # GPTQMethod.replay_attention (--no-replay turns it off)
+TIMELINE = [False]  # --timeline: non-synchronising per-phase marks in the untimed runs
 
 
 def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, offload: bool,
@@ -262,16 +263,20 @@ def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, 
     from lowbit.core.scheme import QuantScheme
     from lowbit.pipeline.blockwise import run_blockwise
     from lowbit.pipeline.gptq import GPTQMethod
+    from lowbit.pipeline.hessian import Timeline
 
     timers: dict[str, float] = {}
+    tl = Timeline(dev) if TIMELINE[0] and not timed else None
     method = TimedMethod(GPTQMethod(QuantScheme(4, 128, True), gcfg, timers=timers if timed else None,
-                                    replay_attention=REPLAY[0]), dev)
+                                    replay_attention=REPLAY[0], timeline=tl), dev)
     _fresh_peak(dev)
     t0 = time.perf_counter()
     result = run_blockwise(model, method, tokens, device=dev, progress=False, offload_activations=offload)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t1 = time.perf_counter()
+    if tl is not None:
+        tl.mark("end")
     block_peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     phase_peaks = {k[5:]: v for k, v in timers.items() if k.startswith("peak:")}
     phase_peaks["output pass + moves"] = max(method.rest_peak, block_peak)
@@ -307,6 +312,8 @@ def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, 
            "phase_peak_bytes": phase_peaks, "peak_blocks_bytes": block_peak,
            "mem_ref_bytes": ref, "peak_over_ref": peak / ref, "blocks_peak_over_ref": block_peak / ref,
            "floors": floors(cfg, layers, tokens.shape[0], tokens.shape[1], rates)}
+    if tl is not None:  # from block 0's first stage to the end; the capture is not in it
+        rec["timeline_s"] = tl.totals()
     return rec, result
 
 
@@ -591,11 +598,15 @@ def main() -> None:
                    help="torch.profiler over one lowbit run of the small model (tables in OUT/gptq_profile.txt)")
     p.add_argument("--no-replay", action="store_true",
                    help="lowbit without the attention replay (GPTQMethod.replay_attention=False), for A/B runs")
+    p.add_argument("--timeline", action="store_true",
+                   help="per-phase time of the untimed runs from CUDA events (no synchronisation): each stage's "
+                        "forward, each group's solve, the engine's output pass")
     p.add_argument("--no-prewarm", action="store_true",
                    help="lowbit without the background pinning of host memory and GPTQ warm-up, for A/B runs")
     p.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     REPLAY[0] = not a.no_replay
+    TIMELINE[0] = a.timeline
     if a.no_prewarm:  # A/B: the engine pins its host activations as it goes, and GPTQ compiles in block 0
         import lowbit.pipeline.blockwise as bw
         from lowbit.pipeline.gptq import GPTQMethod
@@ -677,6 +688,10 @@ def main() -> None:
                   f"peak {gib(rec['peak_bytes'])} (capture {gib(rec['peak_capture_bytes'])}, blocks "
                   f"{gib(rec['peak_blocks_bytes'])}), ref {gib(rec['mem_ref_bytes'])}, "
                   f"peak/ref {rec['peak_over_ref']:.2f}", flush=True)
+            if "timeline_s" in rec:
+                print(f"  timeline (device clock, no syncs; {layers} blocks): " + ", ".join(
+                    f"{k} {v:.2f} s ({v / layers * 1e3:.0f} ms a block)" for k, v in rec["timeline_s"].items()),
+                    flush=True)
             if timed:
                 print_phase_table(rec)
                 print("  peak GPU memory by phase: " + ", ".join(

@@ -330,3 +330,28 @@ def test_search_guard_keeps_the_search_only_where_the_top_tokens_do_not_lose(tmp
         GPTQConfig(search_guard=8)
     with pytest.raises(SchemeError, match="turn it on"):
         GPTQConfig(search_power=0.5)
+
+
+def test_timeline_marks_each_stage_and_solve_without_synchronising(tmp_path):
+    """GPTQMethod(timeline=...) marks each stage's forward, each group's solve and the engine's rest
+    of the block; the totals add up to the time between the first mark and the last."""
+    import time
+
+    from lowbit.pipeline.blockwise import run_blockwise
+    from lowbit.pipeline.hessian import Timeline
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path / "m", "llama"), dtype=torch.float32)
+    tl = Timeline(torch.device("cpu"))
+    ids = torch.randint(3, 300, (3, 32), generator=torch.Generator().manual_seed(0))
+    run_blockwise(model, GPTQMethod(QuantScheme(4, 32), timeline=tl), ids, progress=False)
+    tl.mark("end")
+    tot = tl.totals()
+    assert list(tot) == ["forward q_proj (paired)", "solve q_proj+k_proj+v_proj", "forward o_proj (paired)",
+                         "solve o_proj", "forward gate_proj (paired)", "solve gate_proj+up_proj", "forward down_proj",
+                         "solve down_proj", "output pass, moves (engine)"]
+    labels = [m[0] for m in tl.marks]
+    assert labels.count("forward q_proj (paired)") == model.config.num_hidden_layers
+    first, last = tl.marks[0][1], tl.marks[-1][1]
+    assert isinstance(first, float) and isinstance(last, float)
+    assert sum(tot.values()) == pytest.approx(last - first) and all(v >= 0 for v in tot.values())
+    assert last <= time.perf_counter()

@@ -26,7 +26,7 @@ from lowbit.methods.gptq import GPTQConfig, GPTQStats, HessianConsumed, gptq_qua
 from lowbit.models.archs import ArchSpec
 from lowbit.pipeline.blockwise import BlockContext, collect
 from lowbit.pipeline.distributed import broadcast_object, broadcast_qweight, sum_weighted, world
-from lowbit.pipeline.hessian import HessianObserver, tick, tock
+from lowbit.pipeline.hessian import HessianObserver, Timeline, tick, tock
 from lowbit.pipeline.paired import collect_paired, float_weights
 from lowbit.pipeline.transfer import to_host_async
 
@@ -69,6 +69,7 @@ class GPTQMethod:
     # later runs of a block replay its attention from o_proj's inputs, kept by the stage that starts at o_proj
     # (q/k/v final by then): same results, about a third less forward time (lowbit.pipeline.replay)
     replay_attention: bool = True
+    timeline: Timeline | None = None  # non-synchronising phase marks (bench/gptq_speed.py --timeline)
     _warm: threading.Thread | None = field(default=None, init=False, repr=False)
     writes_back = True  # quantize_block leaves the dequantized weights in the block (the engine need not)
 
@@ -156,6 +157,9 @@ class GPTQMethod:
         for stage in stages:
             t0 = tick(self.timers, ctx.device)
             firsts = [g[0] for g in stage.groups]
+            if self.timeline is not None:
+                self.timeline.mark(f"forward {'+'.join(f.split('.')[-1] for f in firsts)}"
+                                   + (" (paired)" if stage.asym else ""))
             save = proj is not None and proj in stage.groups[0]  # every group before it is final
             obs: dict[str, Any]
             if not stage.asym:  # (the stage with the float outputs is paired: it is the last with asym)
@@ -172,10 +176,14 @@ class GPTQMethod:
                     fw = None  # no later stage runs the float block
             tock(self.timers, "forward+hessian", t0, ctx.device)
             for g in stage.groups:
+                if self.timeline is not None:
+                    self.timeline.mark(f"solve {'+'.join(n.split('.')[-1] for n in g)}")
                 # popped, not held here: _solve_group frees D before the solve and H after it
                 self._solve_group(ctx, g, cast(HessianObserver, obs.pop(g[0])), hdev, solved % size, out)
                 solved += 1
             del obs
+        if self.timeline is not None:
+            self.timeline.mark("output pass, moves (engine)")
         return out
 
     def _solve_group(self, ctx: BlockContext, g: tuple[str, ...], o: HessianObserver, hdev: torch.device,

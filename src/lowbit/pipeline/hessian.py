@@ -1,5 +1,6 @@
 """The statistics GPTQ collects by hooks: ``H = 2/n X^T X`` of a linear's inputs, and, for
-asymmetric calibration, ``D = 2/n (X_float - X)^T X`` beside it; phase timers for the bench."""
+asymmetric calibration, ``D = 2/n (X_float - X)^T X`` beside it; phase timers for the bench
+(synchronising ones, and a timeline that does not synchronise)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,39 @@ def tock(timers: dict[str, float] | None, key: str, t0: float, device: torch.dev
             timers[pk] = max(timers.get(pk, 0.0), float(torch.cuda.max_memory_allocated(device)))
             torch.cuda.reset_peak_memory_stats(device)
         timers[key] = timers.get(key, 0.0) + time.perf_counter() - t0
+
+
+class Timeline:
+    """Phase marks on the device's own clock, read once at the end: unlike :func:`tick` / :func:`tock`
+    it never synchronises, so the run it times keeps its overlap of host and device work.
+
+    ``mark(label)`` says the phase ``label`` starts now (a CUDA event recorded on the current stream,
+    or the host clock on a CPU); :meth:`totals` gives the seconds from each mark to the next, summed
+    by label. Time in a phase includes any idle time of the stream inside it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, torch.cuda.Event | float]] = []
+
+    def mark(self, label: str) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append((label, ev))
+        else:
+            self.marks.append((label, time.perf_counter()))
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per label (a final mark closes the last phase; its own label gets no time)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for (label, a), (_, b) in zip(self.marks, self.marks[1:], strict=False):
+            if isinstance(a, float) and isinstance(b, float):
+                dt = b - a
+            else:
+                assert isinstance(a, torch.cuda.Event) and isinstance(b, torch.cuda.Event)
+                dt = a.elapsed_time(b) / 1e3
+            out[label] = out.get(label, 0.0) + dt
+        return out
