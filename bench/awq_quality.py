@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -70,16 +71,42 @@ def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argpars
         tag = variant if alpha is None or len(a.alphas) == 1 else f"{variant}-a{alpha:g}"
         base, objective, opts = parse_variant(variant)
         method, clip = CLIP_VARIANTS.get(base, (base, a.awq_clip))
-        work = copy.deepcopy(ref)
-        res = quantize_loaded(work, scheme, out / f"{scheme.name}-{tag}", method=method, calib="c4",
-                              calib_samples=a.calib_samples, calib_len=a.calib_len, force=True, progress=False,
-                              awq_clip=clip, awq_objective=objective, awq_options=opts,
-                              **({"alpha": alpha} if alpha is not None else {}))
-        del work
-        models[f"lowbit-{tag}"] = load_artifact(res.path)
-        secs[f"lowbit-{tag}"] = res.seconds
-        log.info("%s %s: %.0f s", scheme.name, tag, res.seconds)
+        art = out / f"{scheme.name}-{tag}"
+        done = _reusable(art, method, clip, objective, opts, a) if a.reuse_lowbit and alpha is None else None
+        if done is None:
+            work = copy.deepcopy(ref)
+            res = quantize_loaded(work, scheme, art, method=method, calib="c4",
+                                  calib_samples=a.calib_samples, calib_len=a.calib_len, force=True, progress=False,
+                                  awq_clip=clip, awq_objective=objective, awq_options=opts,
+                                  **({"alpha": alpha} if alpha is not None else {}))
+            del work
+            done = res.seconds
+            log.info("%s %s: %.0f s", scheme.name, tag, done)
+        else:
+            log.info("reusing %s (quantized in %.0f s)", art, done)
+        models[f"lowbit-{tag}"] = load_artifact(art)
+        secs[f"lowbit-{tag}"] = done
     return models, secs
+
+
+def _reusable(art: Path, method: str, clip: bool, objective: str, opts: dict[str, Any], a: argparse.Namespace
+              ) -> float | None:
+    """The quantize seconds of an existing AWQ artifact whose recipe records the same calibration and
+    search options (objective, token count, duo scaling, clipping), or None when it must be made again.
+    Options the recipe does not record (``propagate``) are never taken as matching."""
+    f = art / "lowbit_recipe.json"
+    if method not in ("awq", "awq+gptq") or not f.exists() or "propagate" in opts:
+        return None
+    from lowbit.pipeline.awq import AWQMethod
+
+    r = json.loads(f.read_text())
+    rec = r.get("awq", {})
+    want = {"objective": objective, "max_tokens": opts.get("max_tokens", AWQMethod.max_tokens),
+            "duo_scaling": opts.get("duo_scaling", AWQMethod.duo_scaling)}
+    same = (r.get("method") == method and r.get("calib_samples") == a.calib_samples
+            and r.get("calib_len") == a.calib_len and r.get("seed", 0) == 0
+            and all(rec.get(k) == v for k, v in want.items()) and (rec.get("clipped_linears", 0) > 0) == clip)
+    return float(r["quantize_seconds"]) if same else None
 
 
 def main() -> None:
@@ -103,6 +130,9 @@ def main() -> None:
                    help="python of AutoAWQ's venv (autoawq 0.2.9 + transformers 4.51; skip the peer if unset)")
     p.add_argument("--reuse-peer", action="store_true",
                    help="reuse the peers' artifacts from an earlier run with the same --out (same tokens)")
+    p.add_argument("--reuse-lowbit", action="store_true",
+                   help="reuse lowbit AWQ artifacts from an earlier run with the same --out when their recipe "
+                        "records the same calibration and search options")
     p.add_argument("--out", default="bench/results/awq")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
