@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from lowbit.core.scheme import get_scheme
 from lowbit.data import calibration_tokens, resolve_calib_texts
 from lowbit.jobs import evaluate_models, load_artifact, quantize_loaded
 from lowbit.models.loader import load_model
-from peers import peer_artifact
+from peers import peer_artifact, reusable_seconds
 
 log = logging.getLogger("awq_quality")
 
@@ -94,19 +93,18 @@ def _reusable(art: Path, method: str, clip: bool, objective: str, opts: dict[str
     """The quantize seconds of an existing AWQ artifact whose recipe records the same calibration and
     search options (objective, token count, duo scaling, clipping), or None when it must be made again.
     Options the recipe does not record (``propagate``) are never taken as matching."""
-    f = art / "lowbit_recipe.json"
-    if method not in ("awq", "awq+gptq") or not f.exists() or "propagate" in opts:
+    if method not in ("awq", "awq+gptq") or "propagate" in opts:
         return None
     from lowbit.pipeline.awq import AWQMethod
 
-    r = json.loads(f.read_text())
-    rec = r.get("awq", {})
     want = {"objective": objective, "max_tokens": opts.get("max_tokens", AWQMethod.max_tokens),
             "duo_scaling": opts.get("duo_scaling", AWQMethod.duo_scaling)}
-    same = (r.get("method") == method and r.get("calib_samples") == a.calib_samples
-            and r.get("calib_len") == a.calib_len and r.get("seed", 0) == 0
-            and all(rec.get(k) == v for k, v in want.items()) and (rec.get("clipped_linears", 0) > 0) == clip)
-    return float(r["quantize_seconds"]) if same else None
+
+    def same(r: dict[str, Any]) -> bool:
+        rec = r.get("awq", {})
+        return all(rec.get(k) == v for k, v in want.items()) and (rec.get("clipped_linears", 0) > 0) == clip
+
+    return reusable_seconds(art, method, a.calib_samples, a.calib_len, 0, same)
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 from dataclasses import asdict
@@ -34,7 +33,7 @@ from lowbit.formats.compressed_tensors import load_quantized
 from lowbit.jobs import evaluate_models, quantize_loaded
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.models.loader import load_model
-from peers import peer_artifact
+from peers import peer_artifact, reusable_seconds
 
 log = logging.getLogger("gptq_quality")
 
@@ -101,7 +100,7 @@ def main() -> None:
                     work = copy.deepcopy(ref)
                     res = quantize_loaded(work, scheme, art, method=method, calib="c4",
                                           calib_samples=a.calib_samples, calib_len=a.calib_len, force=True,
-                                          progress=False, gptq=cfg)
+                                          progress=False, gptq=cfg, seed=a.seed)
                     del work
                     done = res.seconds
                 else:
@@ -150,15 +149,8 @@ _LEGACY = {"asym_alpha": 0.0, "asym_scope": "all"}
 def _reusable(art: Path, cfg: GPTQConfig, method: str, a: argparse.Namespace) -> float | None:
     """The quantize seconds of an existing artifact made with the same method, options and
     calibration, or None when it must be made again."""
-    f = art / "lowbit_recipe.json"
-    if not f.exists():
-        return None
-    r = json.loads(f.read_text())
-    same = (r.get("method") == method and r.get("calib_samples") == a.calib_samples
-            and r.get("calib_len") == a.calib_len
-            and (method != "gptq"
-                 or all(r.get("gptq", {}).get(k, _LEGACY.get(k)) == v for k, v in asdict(cfg).items())))
-    return float(r["quantize_seconds"]) if same else None
+    return reusable_seconds(art, method, a.calib_samples, a.calib_len, a.seed, lambda r: method != "gptq" or all(
+        r.get("gptq", {}).get(k, _LEGACY.get(k)) == v for k, v in asdict(cfg).items()))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ import json
 import logging
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -26,3 +28,17 @@ def peer_artifact(python: str, script: str, model_dir: str | Path, tokens_file: 
     seconds = float(json.loads((out / "peer.json").read_text())["seconds"])
     log.info("%s took %.0f s (wall %.0f s)", script, seconds, time.perf_counter() - t0)
     return seconds
+
+
+def reusable_seconds(art: Path, method: str, calib_samples: int, calib_len: int, seed: int,
+                     same_options: Callable[[dict[str, Any]], bool]) -> float | None:
+    """The quantize seconds of the lowbit artifact ``art`` when its recipe records ``method``, this
+    calibration (C4 sample of ``calib_samples x calib_len`` drawn with ``seed``) and options ``same_options``
+    accepts; None when it must be made again (or does not exist)."""
+    f = art / "lowbit_recipe.json"
+    if not f.exists():
+        return None
+    r = json.loads(f.read_text())
+    same = (r.get("method") == method and r.get("calib_samples") == calib_samples
+            and r.get("calib_len") == calib_len and r.get("seed", 0) == seed and same_options(r))
+    return float(r["quantize_seconds"]) if same else None
