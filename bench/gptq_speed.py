@@ -346,15 +346,72 @@ def profile_run(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device,
         except Exception as e:  # diagnostics only: never lose the timed runs to it
             mem = f"memory trace not read: {e!r}"
         print(mem, flush=True)
+    busy = device_busy(prof) if dev.type == "cuda" else ""
+    print(busy, flush=True)
     ka = prof.key_averages()
     dev_key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    text = (f"profiled run: {wall:.2f} s wall, offload={offload}\n\n{mem}\n\n== by self device time ==\n"
+    text = (f"profiled run: {wall:.2f} s wall, offload={offload}\n\n{busy}\n\n{mem}\n\n== by self device time ==\n"
             + ka.table(sort_by=dev_key, row_limit=45, max_name_column_width=60)
             + "\n\n== by host time (cpu_time_total) ==\n"
             + ka.table(sort_by="cpu_time_total", row_limit=45, max_name_column_width=60))
     path.write_text(text)
     print(f"[profile] {wall:.2f} s under the profiler; tables in {path}", flush=True)
     print(ka.table(sort_by=dev_key, row_limit=25, max_name_column_width=50), flush=True)
+
+
+def _union(iv: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(iv):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _length(iv: list[tuple[int, int]]) -> int:
+    return sum(b - a for a, b in iv)
+
+
+def _intersect(x: list[tuple[int, int]], y: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out, i, j = [], 0, 0
+    while i < len(x) and j < len(y):
+        a, b = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        if a < b:
+            out.append((a, b))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def device_busy(prof: Any) -> str:
+    """How the profiled span splits on the device: kernels running, host-to-device copies running
+    with no kernel (upload-bound), and neither (the GPU waits for the host: syncs, Python, launches).
+    From the profiler's device events (union of intervals over all streams)."""
+    cats: dict[str, list[tuple[int, int]]] = {"kernel": [], "h2d": [], "d2h": [], "other": []}
+    try:
+        for e in prof.profiler.kineto_results.events():
+            if str(e.device_type()).endswith("CUDA") and e.duration_ns() > 0:
+                n = e.name()
+                c = ("h2d" if n.startswith("Memcpy HtoD") else "d2h" if n.startswith("Memcpy DtoH")
+                     else "other" if n.startswith(("Memcpy", "Memset")) else "kernel")
+                cats[c].append((e.start_ns(), e.start_ns() + e.duration_ns()))
+    except Exception as e:  # diagnostics only
+        return f"device busy: not read ({e!r})"
+    u = {k: _union(v) for k, v in cats.items()}
+    every = _union([iv for v in u.values() for iv in v])
+    if not every:
+        return "device busy: no device events"
+    span = every[-1][1] - every[0][0]
+    k, h = _length(u["kernel"]), _length(u["h2d"])
+    both = _length(_intersect(u["kernel"], u["h2d"]))
+    ms = 1e-6
+    return (f"device span {span * ms:.0f} ms: kernels {k * ms:.0f} ms ({k / span:.0%}), H2D copies {h * ms:.0f} ms "
+            f"({both * ms:.0f} ms of it under kernels, {(h - both) * ms:.0f} ms alone), D2H copies "
+            f"{_length(u['d2h']) * ms:.0f} ms, nothing on the device {(span - _length(every)) * ms:.0f} ms "
+            f"({(span - _length(every)) / span:.0%})")
 
 
 def live_at_peak(snap: dict[str, Any], index: int, top: int = 18) -> str:
