@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gptq_speed import build_model, llama3_8b_config, random_tokens  # noqa: E402
+from gptq_speed import bf16_matmul_rate, build_model, llama3_8b_config, random_tokens  # noqa: E402
 
 
 def _backends(name: str) -> contextlib.AbstractContextManager[Any]:
@@ -73,16 +73,7 @@ def main() -> None:
     ctx = BlockContext(0, block, lins, spec, dev, hidden, kwargs[0])
 
     # matmul rate and per-sample FLOPs (linears; causal attention 2 matmuls over half the pairs)
-    x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    for _ in range(3):
-        x @ x
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        x @ x
-    torch.cuda.synchronize()
-    rate = 10 * 2 * 8192**3 / (time.perf_counter() - t0)
-    del x
+    rate = bf16_matmul_rate(dev)
     h, i, t = cfg.hidden_size, cfg.intermediate_size, a.seq
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     attn_lin = 2 * t * h * (h + 2 * kv)  # q/k/v

@@ -128,6 +128,19 @@ def _median_ms(fn: Any, dev: torch.device, reps: int = 10, warmup: int = 3) -> f
     return statistics.median(ts)
 
 
+def bf16_matmul_rate(dev: torch.device, n: int = 8192) -> float:
+    """FLOP/s of an ``n x n`` bf16 matmul on ``dev`` (3 warm-up runs, then 10 timed together)."""
+    x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ x
+    torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        x @ x
+    torch.cuda.synchronize(dev)
+    return 10 * 2 * n**3 / (time.perf_counter() - t0)
+
+
 def measure_rates(dev: torch.device, tiny: bool) -> dict[str, float]:
     """bf16 and fp32 (as the process runs them: tf32 off unless enabled) matmul FLOP/s, copy B/s."""
     n = 1024 if tiny else 8192

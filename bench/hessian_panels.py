@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from lowbit.pipeline.hessian import HessianObserver
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gptq_speed import bf16_matmul_rate  # noqa: E402
 
 
 def run(width: int, rows: int | None, xs: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -39,16 +43,7 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[4096, 14336])
     p.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     a = p.parse_args()
-    a_ = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a_ @ a_
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a_ @ a_
-    torch.cuda.synchronize()
-    rate = 10 * 2 * 8192**3 / (time.perf_counter() - t0)
-    del a_
+    rate = bf16_matmul_rate(torch.device("cuda"))
     rows_out = []
     print(f"{torch.cuda.get_device_name()}, bf16 matmul {rate / 1e12:.0f} TFLOP/s; "
           f"{a.updates} updates of {a.tokens} tokens")
