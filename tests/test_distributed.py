@@ -44,3 +44,30 @@ def test_two_ranks_match_one(tmp_path, method):
     ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-2)
+
+
+REDUCE = """
+import torch, torch.distributed as dist
+from lowbit.pipeline.distributed import init_from_env, sum_weighted
+init_from_env()
+r = dist.get_rank()
+n = r + 1                                   # rank 0: 1 token of mean 1, rank 1: 2 tokens of mean 2
+a, b = torch.full((3, 3), float(r + 1)), torch.full((3, 3), float(r + 1))
+ptr = a.data_ptr()
+ma, na = sum_weighted(a, n, inplace=True)
+mb, nb = sum_weighted(b, n)
+assert ma.data_ptr() == ptr and torch.equal(a, ma), "in place: the result is the input's own buffer"
+assert b.data_ptr() != mb.data_ptr() and torch.equal(b, torch.full((3, 3), float(r + 1))), "out of place"
+assert na == nb == 3 and torch.allclose(ma, torch.full((3, 3), 5 / 3)) and torch.equal(ma, mb), (ma, mb)
+dist.destroy_process_group()
+"""
+
+
+def test_sum_weighted_in_place_matches_out_of_place(tmp_path):
+    """Two gloo ranks: the in-place token-weighted mean is written into the input's buffer and equals
+    the out-of-place one ((1 * 1 + 2 * 2) / 3)."""
+    script = tmp_path / "reduce.py"
+    script.write_text(REDUCE)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29519", str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -50,15 +50,22 @@ def shard(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[rank::size] if size > 1 else tokens
 
 
-def sum_weighted(mean: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """Combine per-rank means of ``n`` tokens each into the global mean (and the global count)."""
+def sum_weighted(mean: torch.Tensor, n: int, inplace: bool = False) -> tuple[torch.Tensor, int]:
+    """Combine per-rank means of ``n`` tokens each into the global mean (and the global count).
+
+    With ``inplace`` the result is written into ``mean`` itself where the collective can reach it
+    (on the communication device): no temporaries the size of ``mean`` (a 14336-wide Hessian is
+    0.77 GiB; the out-of-place sum made two more on every rank)."""
     if world()[1] == 1:
         return mean, n
     dev = _comm(mean.device)
     total = torch.tensor([float(n)], dtype=torch.float64, device=dev)
+    dist.all_reduce(total)
+    if inplace and mean.device == dev:
+        dist.all_reduce(mean.mul_(n))
+        return mean.div_(float(total)), int(total)
     acc = mean.to(dev) * n
     dist.all_reduce(acc)
-    dist.all_reduce(total)
     return (acc / float(total)).to(mean.device), int(total)
 
 

@@ -191,8 +191,8 @@ class GPTQMethod:
         """GPTQ of group ``g`` from its observer ``o`` (on rank ``owner``, broadcast to the others); the
         dequantized weights written back, the results put in ``out`` (host tensors)."""
         rank, size = world()
-        H, _ = sum_weighted(o.H, o.n)
-        D = None if o.D is None else sum_weighted(o.D, o.n)[0]
+        H, _ = sum_weighted(o.H, o.n, inplace=True)  # the observer's own buffers: o is dropped below
+        D = None if o.D is None else sum_weighted(o.D, o.n, inplace=True)[0]
         top_rows = o.top
         del o
         lins = [ctx.linears[n] for n in g]
