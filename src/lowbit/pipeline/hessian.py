@@ -99,7 +99,7 @@ PANEL_ROWS = 2048
 
 
 def _panels(n: int, rows: int) -> list[tuple[int, int]]:
-    """``[r0, r1)`` row panels of about ``rows`` rows (equal sizes, the last one not smaller)."""
+    """``[r0, r1)`` row panels covering ``[0, n)``, as many as ``rows`` fits, of near-equal sizes."""
     k = max(1, n // max(rows, 1))
     cuts = [round(i * n / k) for i in range(k + 1)]
     return list(zip(cuts, cuts[1:], strict=False))
