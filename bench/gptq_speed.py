@@ -360,7 +360,8 @@ def profile_run(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device,
             mem = f"memory trace not read: {e!r}"
         print(mem, flush=True)
     busy = device_busy(prof) if dev.type == "cuda" else ""
-    print(busy, flush=True)
+    if busy:
+        print(busy, flush=True)
     ka = prof.key_averages()
     dev_key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     text = (f"profiled run: {wall:.2f} s wall, offload={offload}\n\n{busy}\n\n{mem}\n\n== by self device time ==\n"

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_speed import bf16_matmul_rate  # noqa: E402
 
 
-def run(width: int, rows: int | None, xs: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+def run(width: int, rows: int | None, xs: list[torch.Tensor]) -> tuple[float, torch.Tensor, int]:
+    """Seconds for the updates and the first read of ``H``, ``H``, and the number of panels used."""
     obs = HessianObserver(width, "cuda", panel_rows=rows)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -33,7 +34,7 @@ def run(width: int, rows: int | None, xs: list[torch.Tensor]) -> tuple[float, to
         obs.update(x)
     H = obs.H
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, H
+    return time.perf_counter() - t0, H, len(obs._panels or [])
 
 
 def main() -> None:
@@ -54,14 +55,12 @@ def main() -> None:
         xs = [torch.randn(a.tokens, w, device="cuda", generator=g).bfloat16() for _ in range(a.updates)]
         run(w, w, xs[:4])  # warm-up (cuBLAS heuristics, workspace)
         run(w, None, xs[:4])
-        base, Hf = run(w, w, xs)
+        full = run(w, w, xs)
+        base, Hf = full[0], full[1]
         for rows in (w, None, 1024):
             if rows == 1024 and w < 4096:
                 continue
-            t, H = (base, Hf) if rows == w else run(w, rows, xs)
-            obs = HessianObserver(w, "cuda", panel_rows=rows)
-            obs.update(xs[0][:1])
-            k = len(obs._panels or [])
+            t, H, k = full if rows == w else run(w, rows, xs)
             frac = k * (k + 1) / 2 / (k * k)
             floor = frac * 2 * a.tokens * w * w * a.updates / rate
             diff = float((H - Hf).norm() / Hf.norm())
