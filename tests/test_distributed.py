@@ -71,3 +71,59 @@ def test_sum_weighted_in_place_matches_out_of_place(tmp_path):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", "29519", str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+RETRY = """
+import sys, torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM
+import lowbit.pipeline.gptq as pg
+from lowbit.core.scheme import QuantScheme
+from lowbit.methods.gptq import GPTQConfig, HessianConsumed
+from lowbit.pipeline.distributed import init_from_env, shard
+from lowbit.pipeline.quantize import quantize_model
+
+init_from_env()
+r = dist.get_rank()
+ids = shard(torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(2)))
+real, calls = pg.gptq_quantize, []
+
+def flaky(W, H, *a, consume_hessian=False, **k):
+    calls.append(consume_hessian)
+    if len(calls) == 1 and r == 0:
+        assert consume_hessian, "the owner factorises the summed H in place"
+        H.fill_(float("nan"))  # what a failed in-place factorisation leaves behind
+        W.fill_(float("nan"))
+        raise HessianConsumed("failed")
+    return real(W, H, *a, consume_hessian=consume_hessian, **k)
+
+results = []
+for patch in (False, True):
+    pg.gptq_quantize = flaky if patch else real
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    scheme = QuantScheme(4, 32)
+    method = pg.GPTQMethod(scheme, GPTQConfig(asym_alpha=0.5, asym_scope="all"), scale_dtype=torch.float32)
+    results.append(quantize_model(model, scheme, method, tokens=ids, progress=False))
+if r == 0:
+    assert calls[:3] == [True, False, True], calls  # failed, retried from the host copy, next group consumed
+else:
+    assert all(calls), calls  # every solve of this rank consumed its H (no device copy)
+clean, retried = results
+assert clean.keys() == retried.keys() and len(clean) == 14
+for n in clean:  # the failure was planted: the retry from the backup solves the same H at the same damp
+    assert torch.equal(clean[n].codes, retried[n].codes), n
+    assert torch.equal(clean[n].scales, retried[n].scales), n
+dist.destroy_process_group()
+"""
+
+
+def test_owner_retries_from_its_host_copy_of_the_summed_hessian(tmp_path):
+    """Under two ranks the solving rank factorises the summed H in place; when that fails, one rank
+    cannot run the block again alone, so the retry starts from the host copy taken before, and gives
+    the artifact of a run without the failure."""
+    d = make_tiny_model_dir(tmp_path / "m", "llama")
+    script = tmp_path / "retry.py"
+    script.write_text(RETRY)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29521", str(script), str(d)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
