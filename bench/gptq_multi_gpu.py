@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,14 +55,19 @@ def run(a: argparse.Namespace) -> None:
                          offload_activations=a.offload)
     torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(dev)
+    peaks = [torch.cuda.max_memory_allocated(dev)]
+    if size > 1:  # every rank's peak: the ranks that solve the larger groups hold more
+        gathered: list[object] = [None] * size
+        torch.distributed.all_gather_object(gathered, peaks[0])
+        peaks = [int(str(p)) for p in gathered]
+    peak = max(peaks)
     if rank == 0:
         t = {f"{n}.codes": q.codes.contiguous() for n, q in qws.items()}
         t.update({f"{n}.scales": q.scales.float().contiguous() for n, q in qws.items()})
         save_file(t, a.save, metadata={"seconds": str(seconds), "world_size": str(size), "peak": str(peak),
-                                       "samples_per_rank": str(tokens.shape[0])})
+                                       "peak_per_rank": json.dumps(peaks), "samples_per_rank": str(tokens.shape[0])})
         print(json.dumps({"world_size": size, "seconds": seconds, "peak_gib": peak / 2**30,
-                          "samples_per_rank": tokens.shape[0]}))
+                          "peak_gib_per_rank": [p / 2**30 for p in peaks], "samples_per_rank": tokens.shape[0]}))
     if size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -84,8 +90,9 @@ def compare(a: argparse.Namespace) -> None:
             total += v.numel()
         else:
             worst = max(worst, float(((v - two[k]).abs() / v.abs().clamp(min=1e-12)).max()))
-    rep = {"code_agreement": same / max(total, 1), "codes": total, "max_rel_scale_diff": worst,
-           "runs": [{k: float(m[k]) for k in ("seconds", "world_size", "peak", "samples_per_rank")} for m in metas]}
+    rep: dict[str, Any] = {"code_agreement": same / max(total, 1), "codes": total, "max_rel_scale_diff": worst,
+           "runs": [{**{k: float(m[k]) for k in ("seconds", "world_size", "peak", "samples_per_rank")},
+                     "peak_per_rank": json.loads(m.get("peak_per_rank", "[]"))} for m in metas]}
     rep["speedup"] = rep["runs"][0]["seconds"] / rep["runs"][1]["seconds"]
     print(json.dumps(rep, indent=1))
     if a.out:
