@@ -67,7 +67,8 @@ def run(a: argparse.Namespace) -> None:
         save_file(t, a.save, metadata={"seconds": str(seconds), "world_size": str(size), "peak": str(peak),
                                        "peak_per_rank": json.dumps(peaks), "samples_per_rank": str(tokens.shape[0])})
         print(json.dumps({"world_size": size, "seconds": seconds, "peak_gib": peak / 2**30,
-                          "peak_gib_per_rank": [p / 2**30 for p in peaks], "samples_per_rank": tokens.shape[0]}))
+                          "peak_gib_per_rank": [p / 2**30 for p in peaks], "samples_per_rank": tokens.shape[0],
+                          "host_threads": torch.get_num_threads()}))
     if size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
