@@ -128,13 +128,3 @@ def test_owner_retries_from_its_host_copy_of_the_summed_hessian(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
-
-def test_host_threads_for_gpu_ranks():
-    """torchrun's one thread per rank is raised, a user's choice is kept."""
-    from lowbit.pipeline.distributed import host_threads
-
-    run = {"TORCHELASTIC_RUN_ID": "x", "OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2"}
-    assert host_threads(run, 32) == 8 and host_threads(run, 6) == 3 and host_threads(run, 1) == 1
-    assert host_threads({**run, "OMP_NUM_THREADS": "4"}, 32) is None  # set by the user: kept
-    assert host_threads({"OMP_NUM_THREADS": "1"}, 32) is None  # not under torchrun
-    assert host_threads({**run, "LOWBIT_NUM_THREADS": "1"}, 32) == 1

@@ -9,15 +9,11 @@ Without an initialised process group every helper is the identity (one process).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
-
-log = logging.getLogger(__name__)
 
 
 def world() -> tuple[int, int]:
@@ -35,10 +31,7 @@ def _comm(device: torch.device) -> torch.device:
 
 
 def init_from_env() -> bool:
-    """Join the process group ``torchrun`` describes in the environment (NCCL with GPUs, else gloo).
-
-    On GPUs, host threads are raised from torchrun's default of one per rank (see
-    :func:`host_threads`)."""
+    """Join the process group ``torchrun`` describes in the environment (NCCL with GPUs, else gloo)."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -46,30 +39,9 @@ def init_from_env() -> bool:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
-        threads = host_threads(dict(os.environ), os.cpu_count() or 1)
-        if threads is not None:
-            log.info("%d host threads per rank (torchrun's default is 1; set LOWBIT_NUM_THREADS to choose)",
-                     threads)
-            torch.set_num_threads(threads)
     else:
         dist.init_process_group("gloo")
     return True
-
-
-def host_threads(env: dict[str, str], cpus: int) -> int | None:
-    """Intra-op host threads for a GPU rank, or None to keep torch's setting.
-
-    torchrun sets ``OMP_NUM_THREADS=1`` for every rank unless the user set it. A GPU rank still
-    does host work between kernels (copies of offloaded activations through pinned staging
-    buffers, host-side packing): with one thread a 32-layer Llama-3-8B-shaped GPTQ run on 2 H200s
-    took 41.7 s, with 8 threads 34.3 s. ``LOWBIT_NUM_THREADS`` wins; else a value of 1 under
-    torchrun (``TORCHELASTIC_RUN_ID`` set) becomes ``min(8, cpus // local ranks)``."""
-    if env.get("LOWBIT_NUM_THREADS"):
-        return max(1, int(env["LOWBIT_NUM_THREADS"]))
-    if env.get("OMP_NUM_THREADS") != "1" or "TORCHELASTIC_RUN_ID" not in env:
-        return None
-    local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, cpus // local))
 
 
 def shard(tokens: torch.Tensor) -> torch.Tensor:
