@@ -30,7 +30,7 @@ from lowbit.core.scheme import get_scheme
 from lowbit.data import calibration_tokens, resolve_calib_texts
 from lowbit.jobs import evaluate_models, load_artifact, quantize_loaded
 from lowbit.models.loader import load_model
-from peers import peer_artifact, reusable_seconds
+from peers import machine, peer_artifact, reusable_seconds
 
 log = logging.getLogger("awq_quality")
 
@@ -167,7 +167,7 @@ def main() -> None:
                              "top1": r.top1, "quantize_seconds": secs.get(m), "windows": r.n_windows,
                              "tokens": r.n_tokens})
             del models
-            write_json_atomic(out / "awq_quality.json", {"args": vars(a), "rows": rows})
+            write_json_atomic(out / "awq_quality.json", {"args": vars(a), "machine": machine(), "rows": rows})
     table = Table(title=f"WikiText-2 (gptq protocol, {a.windows} x {a.ctx}), C4 calibration "
                         f"{a.calib_samples} x {a.calib_len}")
     for c in ("model", "scheme", "method", "ppl", "Δppl", "Δ%", "Δ / llmc Δ", "KLD", "top-1", "quant s"):

@@ -33,7 +33,7 @@ from lowbit.formats.compressed_tensors import load_quantized
 from lowbit.jobs import evaluate_models, quantize_loaded
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.models.loader import load_model
-from peers import peer_artifact, reusable_seconds
+from peers import machine, peer_artifact, reusable_seconds
 
 log = logging.getLogger("gptq_quality")
 
@@ -123,7 +123,7 @@ def main() -> None:
                              "ppl_increase": r.ppl - base, "kld": r.kld_mean, "top1": r.top1,
                              "quantize_seconds": secs.get(m), "windows": r.n_windows, "tokens": r.n_tokens})
             del models
-            write_json_atomic(out / "gptq_quality.json", {"args": vars(a), "rows": rows})
+            write_json_atomic(out / "gptq_quality.json", {"args": vars(a), "machine": machine(), "rows": rows})
     table = Table(title=f"WikiText-2 (gptq protocol, {a.windows} x {a.ctx}), C4 calibration "
                         f"{a.calib_samples} x {a.calib_len}")
     for c in ("model", "scheme", "method", "ppl", "Δppl", "Δ / llmc Δ", "Δ / GPTQModel Δ", "KLD", "top-1", "quant s"):

@@ -42,3 +42,30 @@ def reusable_seconds(art: Path, method: str, calib_samples: int, calib_len: int,
     same = (r.get("method") == method and r.get("calib_samples") == calib_samples
             and r.get("calib_len") == calib_len and r.get("seed", 0) == seed and same_options(r))
     return float(r["quantize_seconds"]) if same else None
+
+
+def machine() -> dict[str, Any]:
+    """What a quality figure was measured on: the CPU (name, family/model/stepping, the ISA torch
+    dispatches to), threads, library versions and lowbit's commit. lowbit's CPU results have differed
+    across sessions' VMs for the same code and tokens (stop 20); this records what could explain it."""
+    import platform
+
+    import torch
+    import transformers
+
+    cpu: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (s.strip() for s in line.partition(":"))
+            if key in ("model name", "cpu family", "model", "stepping", "microcode") and key not in cpu:
+                cpu[key] = value
+    except OSError:
+        cpu["model name"] = platform.processor()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "lowbit_commit": commit}
