@@ -209,9 +209,9 @@ class GPTQMethod:
             # H is still consumed and the owner's device holds one in x in buffer, as a single process does
             backup = _host_backup(H) if size > 1 and H.device == lins[0].weight.device else None
             if top_rows.shape[0]:
-                qw, st = self._guarded_solve(ctx, g, lins, H, top_rows, consume=True, wd=WD, backup=backup)
+                qw, st = self._guarded_solve(ctx, g, lins, H, top_rows, wd=WD, backup=backup)
             else:
-                qw, st = self._solve(ctx, g, lins, H, consume=True, wd=WD, backup=backup)
+                qw, st = self._solve(ctx, g, lins, H, wd=WD, backup=backup)
             del backup
         del H, WD
         dynamic = self.config.act_order and not self.config.static_groups
@@ -237,8 +237,8 @@ class GPTQMethod:
         tock(self.timers, "write-back", t0, ctx.device)
 
     def _guarded_solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor,
-                       top: torch.Tensor, consume: bool, wd: torch.Tensor | None = None,
-                       backup: torch.Tensor | None = None) -> tuple[QuantizedWeight, GPTQStats]:
+                       top: torch.Tensor, wd: torch.Tensor | None = None, backup: torch.Tensor | None = None
+                       ) -> tuple[QuantizedWeight, GPTQStats]:
         """The clipping search kept only where it does not raise the worst error on the
         largest-norm tokens ``top (K, in)``.
 
@@ -252,7 +252,7 @@ class GPTQMethod:
         plain = dataclasses.replace(self.config, search=False, search_guard=0, search_power=1.0)
         q0, s0 = gptq_quantize(_stacked(lins), H, self.scheme, plain, scale_dtype=self.scale_dtype, name=name,
                                timers=self.timers, consume_weight=True, wd=wd)
-        q1, s1 = self._solve(ctx, g, lins, H, consume=consume, wd=wd, backup=backup)
+        q1, s1 = self._solve(ctx, g, lins, H, wd=wd, backup=backup)
         W = _stacked(lins)
         x = top.to(device=W.device, dtype=torch.float32)
         worst = [float(((W - q.dequantize().to(W)) @ x.T).square().sum(0).max()) for q in (q0, q1)]
@@ -263,11 +263,11 @@ class GPTQMethod:
         st.searched = keep
         return q, st
 
-    def _solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor, consume: bool,
+    def _solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor,
                wd: torch.Tensor | None = None, backup: torch.Tensor | None = None
                ) -> tuple[QuantizedWeight, GPTQStats]:
         """GPTQ of the stacked rows of the linears ``lins`` of group ``g``; ``H`` is factorised in
-        place when ``consume``.
+        place (no second ``in x in`` buffer on the device).
 
         If that factorisation fails, the retry needs the original Hessian: from ``backup`` (a host
         copy, under several ranks) or else collected again (one more run of the block; rare), and
@@ -277,16 +277,16 @@ class GPTQMethod:
         name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
         try:
             return gptq_quantize(_stacked(lins), H, self.scheme, self.config, scale_dtype=self.scale_dtype,
-                                 name=name, timers=self.timers, consume_hessian=consume, consume_weight=True,
+                                 name=name, timers=self.timers, consume_hessian=True, consume_weight=True,
                                  wd=wd)
         except HessianConsumed:
-            if backup is None:
-                log.info("%s: collecting its Hessian again to retry with more damping", name)
+            pass
         del H
         if backup is not None:
             log.info("%s: retrying from the host copy of its Hessian with more damping", name)
             return gptq_quantize(_stacked(lins), backup, self.scheme, self.config, scale_dtype=self.scale_dtype,
                                  name=name, timers=self.timers, consume_weight=True, wd=wd)
+        log.info("%s: collecting its Hessian again to retry with more damping", name)
         hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
         obs = collect(ctx, lambda n, m: HessianObserver(m.in_features, hdev, self.timers), names=[g[0]])
         return gptq_quantize(_stacked(lins), obs[g[0]].H, self.scheme, self.config,  # type: ignore[attr-defined]
