@@ -327,6 +327,7 @@ def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, 
            "floors": floors(cfg, layers, tokens.shape[0], tokens.shape[1], rates)}
     if tl is not None:  # from block 0's first stage to the end; the capture is not in it
         rec["timeline_s"] = tl.totals()
+        rec["timeline_per_block_s"] = tl.per_block()
     return rec, result
 
 
@@ -763,6 +764,11 @@ def main() -> None:
                 print(f"  timeline (device clock, no syncs; {layers} blocks): " + ", ".join(
                     f"{k} {v:.2f} s ({v / layers * 1e3:.0f} ms a block)" for k, v in rec["timeline_s"].items()),
                     flush=True)
+                blocks = rec["timeline_per_block_s"]
+                if len(blocks) > 1:  # where block 0's extra time goes
+                    print("  block 0 vs the median block (ms): " + ", ".join(
+                        f"{k} {v * 1e3:.0f} vs {statistics.median(b.get(k, 0.0) for b in blocks[1:]) * 1e3:.0f}"
+                        for k, v in blocks[0].items()), flush=True)
             if timed:
                 print_phase_table(rec)
                 print("  peak GPU memory by phase: " + ", ".join(

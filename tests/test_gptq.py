@@ -395,3 +395,6 @@ def test_timeline_marks_each_stage_and_solve_without_synchronising(tmp_path):
     assert isinstance(first, float) and isinstance(last, float)
     assert sum(tot.values()) == pytest.approx(last - first) and all(v >= 0 for v in tot.values())
     assert last <= time.perf_counter()
+    blocks = tl.per_block()  # one dict per block, every phase in each, summing to the totals
+    assert len(blocks) == model.config.num_hidden_layers and all(list(b) == list(tot) for b in blocks)
+    assert all(sum(b[k] for b in blocks) == pytest.approx(v) for k, v in tot.items())

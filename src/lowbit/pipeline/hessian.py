@@ -144,16 +144,33 @@ class Timeline:
         else:
             self.marks.append((label, time.perf_counter()))
 
-    def totals(self) -> dict[str, float]:
-        """Seconds per label (a final mark closes the last phase; its own label gets no time)."""
+    def phases(self) -> list[tuple[str, float]]:
+        """(label, seconds) of every phase in order (a final mark closes the last phase)."""
         if self.cuda:
             torch.cuda.synchronize()
-        out: dict[str, float] = {}
+        out: list[tuple[str, float]] = []
         for (label, a), (_, b) in zip(self.marks, self.marks[1:], strict=False):
             if isinstance(a, float) and isinstance(b, float):
                 dt = b - a
             else:
                 assert isinstance(a, torch.cuda.Event) and isinstance(b, torch.cuda.Event)
                 dt = a.elapsed_time(b) / 1e3
+            out.append((label, dt))
+        return out
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per label, summed over the run (the final mark's own label gets no time)."""
+        out: dict[str, float] = {}
+        for label, dt in self.phases():
             out[label] = out.get(label, 0.0) + dt
         return out
+
+    def per_block(self) -> list[dict[str, float]]:
+        """Seconds per label for each block: the phases split where the first label comes again."""
+        blocks: list[dict[str, float]] = []
+        phases = self.phases()
+        for label, dt in phases:
+            if not blocks or label == phases[0][0]:
+                blocks.append({})
+            blocks[-1][label] = blocks[-1].get(label, 0.0) + dt
+        return blocks
