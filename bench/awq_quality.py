@@ -133,6 +133,7 @@ def main() -> None:
                         "records the same calibration and search options")
     p.add_argument("--out", default="bench/results/awq")
     a = p.parse_args()
+    mach = machine()  # at the start: the commit and versions the run used
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(a.out)
     rows: list[dict[str, Any]] = []
@@ -167,7 +168,7 @@ def main() -> None:
                              "top1": r.top1, "quantize_seconds": secs.get(m), "windows": r.n_windows,
                              "tokens": r.n_tokens})
             del models
-            write_json_atomic(out / "awq_quality.json", {"args": vars(a), "machine": machine(), "rows": rows})
+            write_json_atomic(out / "awq_quality.json", {"args": vars(a), "machine": mach, "rows": rows})
     table = Table(title=f"WikiText-2 (gptq protocol, {a.windows} x {a.ctx}), C4 calibration "
                         f"{a.calib_samples} x {a.calib_len}")
     for c in ("model", "scheme", "method", "ppl", "Δppl", "Δ%", "Δ / llmc Δ", "KLD", "top-1", "quant s"):

@@ -68,6 +68,7 @@ def main() -> None:
                         "records the same GPTQ options (same tokens: the calibration is seeded)")
     p.add_argument("--out", default="bench/results/gptq")
     a = p.parse_args()
+    mach = machine()  # at the start: the commit and versions the run used
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(a.out)
     rows: list[dict] = []
@@ -123,7 +124,7 @@ def main() -> None:
                              "ppl_increase": r.ppl - base, "kld": r.kld_mean, "top1": r.top1,
                              "quantize_seconds": secs.get(m), "windows": r.n_windows, "tokens": r.n_tokens})
             del models
-            write_json_atomic(out / "gptq_quality.json", {"args": vars(a), "machine": machine(), "rows": rows})
+            write_json_atomic(out / "gptq_quality.json", {"args": vars(a), "machine": mach, "rows": rows})
     table = Table(title=f"WikiText-2 (gptq protocol, {a.windows} x {a.ctx}), C4 calibration "
                         f"{a.calib_samples} x {a.calib_len}")
     for c in ("model", "scheme", "method", "ppl", "Δppl", "Δ / llmc Δ", "Δ / GPTQModel Δ", "KLD", "top-1", "quant s"):
