@@ -675,6 +675,10 @@ def main() -> None:
                         "forward, each group's solve, the engine's output pass")
     p.add_argument("--no-prewarm", action="store_true",
                    help="lowbit without the background pinning of host memory and GPTQ warm-up, for A/B runs")
+    p.add_argument("--no-warm-forward", action="store_true",
+                   help="lowbit without the engine's warm-up forward of block 0 (run_blockwise(warm_forward=False))")
+    p.add_argument("--no-fused-norm", action="store_true",
+                   help="lowbit with transformers' eager RMSNorm (run_blockwise(fuse_norms=False)), for A/B runs")
     p.add_argument("--peer-child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     REPLAY[0] = not a.no_replay
@@ -685,6 +689,15 @@ def main() -> None:
 
         bw.prewarm_pinned = lambda *args, **kw: None  # type: ignore[assignment]
         GPTQMethod.prepare = lambda self, device: None  # type: ignore[method-assign]
+    if a.no_warm_forward:  # A/B: block 0's first forward loads the layer's kernels inside the method
+        import lowbit.pipeline.blockwise as bw
+
+        bw._warm_forward = lambda *args, **kw: None  # type: ignore[assignment]
+    if a.no_fused_norm:  # A/B: each norm as transformers' six eager kernels
+        import lowbit.pipeline.blockwise as bw
+        from lowbit.pipeline.fused_norm import fused_norms
+
+        bw.fused_norms = lambda block, device, on=True: fused_norms(block, device, on=False)  # type: ignore
     if a.peer_child:
         peer_child(a)
         return

@@ -127,3 +127,29 @@ def test_bad_inputs_stop_before_any_work(tmp_path):
     with pytest.raises(LowbitError, match=r"model.layers.1.mlp.up_proj.weight has 1 NaN/Inf"):
         quantize_model(model, QuantScheme(4, 32), progress=False)
     assert torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_warm_forward_runs_block0_once_and_changes_nothing(tmp_path, arch):
+    """The GPU warm-up forward (forced on here, on the CPU) runs block 0 one extra time, before any
+    statistics hook: GPTQ's codes and imatrix's statistics equal those of a run without it."""
+    from lowbit.pipeline.gptq import GPTQMethod
+
+    tokens = _tokens()
+    runs = {}
+    for warm in (False, True):
+        model = _model(tmp_path, arch)
+        calls = [0]
+        model.model.layers[0].register_forward_pre_hook(lambda m, a, c=calls: c.__setitem__(0, c[0] + 1))
+        gptq = GPTQMethod(QuantScheme(4, 32, False), scale_dtype=torch.float32)
+        qws = run_blockwise(model, gptq, tokens, progress=False, warm_forward=warm)
+        imx = ImatrixRTNMethod(QuantScheme(4, 32), scale_dtype=torch.float32)
+        run_blockwise(model, imx, tokens, progress=False, warm_forward=warm)
+        runs[warm] = (qws, imx.importance, calls[0])
+    (q0, i0, c0), (q1, i1, c1) = runs[False], runs[True]
+    assert c1 == c0 + 2  # one extra forward of block 0 per run, nothing more
+    assert q0.keys() == q1.keys() and i0.keys() == i1.keys()
+    for k in q0:
+        assert torch.equal(q0[k].codes, q1[k].codes) and torch.equal(q0[k].scales, q1[k].scales)
+    for k in i0:
+        assert torch.equal(i0[k], i1[k])
