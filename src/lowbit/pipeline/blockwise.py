@@ -204,8 +204,8 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
     The model's linears are left holding the dequantized weights (a fake-quantized model);
     the result lives on the CPU. ``warm_forward`` (default: on a GPU with calibration) runs block 0
     once on its first sample before the method sees it (:func:`_warm_forward`); it changes no result.
-    ``fuse_norms`` runs a block's Llama-style RMSNorms as one Triton kernel each while it is on a GPU
-    (:mod:`lowbit.pipeline.fused_norm`; the eager arithmetic, to two ulp).
+    ``fuse_norms`` runs a block's RMSNorms of the known classes (Llama and Gemma styles) as one Triton
+    kernel each while it is on a GPU (:mod:`lowbit.pipeline.fused_norm`; the eager arithmetic, to two ulp).
     """
     spec = get_arch(model)
     dev = torch.device(device)
