@@ -77,8 +77,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool = Fa
         x2 = x2.contiguous()
     out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(d)
-    _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, d, x2.stride(0), out.stride(0), eps, BLOCK=block,
-                                     GEMMA=gemma, num_warps=8 if block >= 4096 else 4)
+    # Triton launches on the current device's stream (the CPU: Triton's interpreter, for tests)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, d, x2.stride(0), out.stride(0), eps, BLOCK=block,
+                                         GEMMA=gemma, num_warps=8 if block >= 4096 else 4)
     return out.view(x.shape)
 
 
