@@ -112,3 +112,27 @@ def test_every_help_page_renders(command, capsys):
         main([*command, "--help"])
     assert e.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_gptq_warm_up_starts_before_the_calibration_text_is_read(tmp_path, tiny, corpus, monkeypatch):
+    """The GPU warm-up (GPTQMethod.prepare) is asked for before tokenization, so its kernel compile
+    overlaps reading the calibration text; the engine's later call is then a no-op."""
+    import lowbit.jobs as jobs
+    from lowbit.pipeline.gptq import GPTQMethod
+
+    events: list[str] = []
+    real_prepare, real_tokens = GPTQMethod.prepare, jobs.calibration_tokens
+
+    def prepare(self, device):  # type: ignore[no-untyped-def]
+        events.append(f"prepare:{device.type}")
+        return real_prepare(self, device)
+
+    def tokens(*a, **k):  # type: ignore[no-untyped-def]
+        events.append("tokens")
+        return real_tokens(*a, **k)
+
+    monkeypatch.setattr(GPTQMethod, "prepare", prepare)
+    monkeypatch.setattr(jobs, "calibration_tokens", tokens)
+    assert main(["--no-progress", "quantize", str(tiny), "--scheme", "W4A16", "--group-size", "32", "--method", "gptq",
+                 "--calib", str(corpus), "--calib-samples", "4", "--calib-len", "16", "-o", str(tmp_path / "q")]) == 0
+    assert events[:2] == ["prepare:cpu", "tokens"] and events.count("prepare:cpu") == 2

@@ -123,6 +123,9 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
     tokens = None
     calib_info: dict[str, Any] = {}
     if block_method.needs_calibration:
+        prepare = getattr(block_method, "prepare", None)
+        if prepare is not None:  # GPTQ compiles its GPU kernels in the background while the text is read
+            prepare(torch.device(device))
         calib = calib or default_calib()
         texts = resolve_calib_texts(calib)
         tokens = shard(calibration_tokens(lm.tokenizer, texts, calib_samples, calib_len, seed=seed))
