@@ -114,9 +114,10 @@ def test_every_help_page_renders(command, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-def test_gptq_warm_up_starts_before_the_calibration_text_is_read(tmp_path, tiny, corpus, monkeypatch):
+def test_gptq_warm_up_starts_after_the_rate_and_before_the_calibration_text_is_read(tmp_path, tiny, corpus, monkeypatch):
     """The GPU warm-up (GPTQMethod.prepare) is asked for before tokenization, so its kernel compile
-    overlaps reading the calibration text; the engine's later call is then a no-op."""
+    overlaps reading the calibration text; the engine's later call is then a no-op. The estimate's
+    matmul rate is timed before it, and the estimate uses that rate."""
     import lowbit.jobs as jobs
     from lowbit.pipeline.gptq import GPTQMethod
 
@@ -131,8 +132,22 @@ def test_gptq_warm_up_starts_before_the_calibration_text_is_read(tmp_path, tiny,
         events.append("tokens")
         return real_tokens(*a, **k)
 
+    def rate(device, dtype):  # type: ignore[no-untyped-def]
+        events.append("rate")
+        return 1e9  # FLOP/s: the estimate must use this one (no second timing loop)
+
+    real_estimate = jobs.estimate_run
+
+    def estimate(*a, **k):  # type: ignore[no-untyped-def]
+        events.append(f"estimate:{k.get('rate')}")
+        return real_estimate(*a, **k)
+
     monkeypatch.setattr(GPTQMethod, "prepare", prepare)
     monkeypatch.setattr(jobs, "calibration_tokens", tokens)
+    monkeypatch.setattr(jobs, "matmul_rate", rate)
+    monkeypatch.setattr(jobs, "estimate_run", estimate)
     assert main(["--no-progress", "quantize", str(tiny), "--scheme", "W4A16", "--group-size", "32", "--method", "gptq",
                  "--calib", str(corpus), "--calib-samples", "4", "--calib-len", "16", "-o", str(tmp_path / "q")]) == 0
-    assert events[:2] == ["prepare:cpu", "tokens"] and events.count("prepare:cpu") == 2
+    # the estimate's matmul rate is timed before the warm-up starts (which would share the device with it)
+    assert events[:4] == ["rate", "prepare:cpu", "tokens", "estimate:1000000000.0"]
+    assert events.count("prepare:cpu") == 2

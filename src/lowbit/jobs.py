@@ -28,7 +28,7 @@ from lowbit.methods.gptq import GPTQConfig
 from lowbit.models.archs import get_arch
 from lowbit.models.loader import LoadedModel, load_model, model_size_bytes
 from lowbit.pipeline.distributed import shard, world
-from lowbit.pipeline.estimate import check_fits, estimate_run
+from lowbit.pipeline.estimate import check_fits, estimate_run, matmul_rate
 from lowbit.pipeline.gptq import GPTQMethod
 from lowbit.pipeline.quantize import METHODS, check_group_size, make_method, named_linears, quantize_model
 
@@ -123,17 +123,22 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
     tokens = None
     calib_info: dict[str, Any] = {}
     if block_method.needs_calibration:
+        dev = torch.device(device)
+        # the estimate's matmul rate is taken first: GPTQ's background warm-up would share the device
+        # (and the GIL, while Triton compiles) with the timing loop and make the estimate pessimistic
+        dt = next(lm.model.parameters()).dtype if dev.type == "cuda" else torch.float32
+        rate = matmul_rate(dev, dt)
         prepare = getattr(block_method, "prepare", None)
         if prepare is not None:  # GPTQ compiles its GPU kernels in the background while the text is read
-            prepare(torch.device(device))
+            prepare(dev)
         calib = calib or default_calib()
         texts = resolve_calib_texts(calib)
         tokens = shard(calibration_tokens(lm.tokenizer, texts, calib_samples, calib_len, seed=seed))
         calib_info = {"calib": calib, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed}
-        est = estimate_run(lm.model, spec, block_method, tokens.shape[0], calib_len,
-                           torch.device(device), offload=offload_activations)
+        est = estimate_run(lm.model, spec, block_method, tokens.shape[0], calib_len, dev, rate=rate,
+                           offload=offload_activations)
         log.info(est.describe())
-        check_fits(est, torch.device(device))
+        check_fits(est, dev)
     t0 = time.perf_counter()
     qweights = quantize_model(lm.model, scheme, block_method, tokens=tokens, device=device, progress=progress,
                               offload_activations=offload_activations)
