@@ -114,7 +114,7 @@ def test_every_help_page_renders(command, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-def test_gptq_warm_up_starts_after_the_rate_and_before_the_calibration_text_is_read(tmp_path, tiny, corpus, monkeypatch):
+def test_gptq_warm_up_starts_after_the_rate_before_the_text_is_read(tmp_path, tiny, corpus, monkeypatch):
     """The GPU warm-up (GPTQMethod.prepare) is asked for before tokenization, so its kernel compile
     overlaps reading the calibration text; the engine's later call is then a no-op. The estimate's
     matmul rate is timed before it, and the estimate uses that rate."""
