@@ -268,6 +268,7 @@ class TimedMethod:
 
 REPLAY = [True]  # GPTQMethod.replay_attention (--no-replay turns it off)
 TIMELINE = [False]  # --timeline: non-synchronising per-phase marks in the untimed runs
+ENGINE: dict[str, bool] = {}  # run_blockwise options set by the A/B flags (--no-warm-forward, --no-fused-norm)
 
 
 def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, offload: bool,
@@ -284,7 +285,8 @@ def run_lowbit(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device, 
                                     replay_attention=REPLAY[0], timeline=tl), dev)
     _fresh_peak(dev)
     t0 = time.perf_counter()
-    result = run_blockwise(model, method, tokens, device=dev, progress=False, offload_activations=offload)
+    result = run_blockwise(model, method, tokens, device=dev, progress=False, offload_activations=offload,
+                           **ENGINE)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     t1 = time.perf_counter()
@@ -347,7 +349,8 @@ def profile_run(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device,
     _fresh_peak(dev)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
-        run_blockwise(model, method, tokens, device=dev, progress=False, offload_activations=offload)
+        run_blockwise(model, method, tokens, device=dev, progress=False, offload_activations=offload,
+                           **ENGINE)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     wall = time.perf_counter() - t0
@@ -690,14 +693,9 @@ def main() -> None:
         bw.prewarm_pinned = lambda *args, **kw: None  # type: ignore[assignment]
         GPTQMethod.prepare = lambda self, device: None  # type: ignore[method-assign]
     if a.no_warm_forward:  # A/B: block 0's first forward loads the layer's kernels inside the method
-        import lowbit.pipeline.blockwise as bw
-
-        bw._warm_forward = lambda *args, **kw: None  # type: ignore[assignment]
+        ENGINE["warm_forward"] = False
     if a.no_fused_norm:  # A/B: each norm as transformers' six eager kernels
-        import lowbit.pipeline.blockwise as bw
-        from lowbit.pipeline.fused_norm import fused_norms
-
-        bw.fused_norms = lambda block, device, on=True: fused_norms(block, device, on=False)  # type: ignore
+        ENGINE["fuse_norms"] = False
     if a.peer_child:
         peer_child(a)
         return
