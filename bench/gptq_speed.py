@@ -350,7 +350,7 @@ def profile_run(model: torch.nn.Module, tokens: torch.Tensor, dev: torch.device,
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         run_blockwise(model, method, tokens, device=dev, progress=False, offload_activations=offload,
-                           **ENGINE)
+                      **ENGINE)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     wall = time.perf_counter() - t0

@@ -144,7 +144,7 @@ def test_gptq_warm_up_starts_after_the_rate_before_the_text_is_read(tmp_path, ti
 
     monkeypatch.setattr(GPTQMethod, "prepare", prepare)
     monkeypatch.setattr(jobs, "calibration_tokens", tokens)
-    monkeypatch.setattr(jobs, "matmul_rate", rate)
+    monkeypatch.setattr(jobs, "compute_rate", rate)
     monkeypatch.setattr(jobs, "estimate_run", estimate)
     assert main(["--no-progress", "quantize", str(tiny), "--scheme", "W4A16", "--group-size", "32", "--method", "gptq",
                  "--calib", str(corpus), "--calib-samples", "4", "--calib-len", "16", "-o", str(tmp_path / "q")]) == 0

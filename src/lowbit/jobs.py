@@ -28,7 +28,7 @@ from lowbit.methods.gptq import GPTQConfig
 from lowbit.models.archs import get_arch
 from lowbit.models.loader import LoadedModel, load_model, model_size_bytes
 from lowbit.pipeline.distributed import shard, world
-from lowbit.pipeline.estimate import check_fits, estimate_run, matmul_rate
+from lowbit.pipeline.estimate import check_fits, compute_rate, estimate_run
 from lowbit.pipeline.gptq import GPTQMethod
 from lowbit.pipeline.quantize import METHODS, check_group_size, make_method, named_linears, quantize_model
 
@@ -126,8 +126,7 @@ def quantize_loaded(lm: LoadedModel, scheme: QuantScheme | DataTypeScheme, out: 
         dev = torch.device(device)
         # the estimate's matmul rate is taken first: GPTQ's background warm-up would share the device
         # (and the GIL, while Triton compiles) with the timing loop and make the estimate pessimistic
-        dt = next(lm.model.parameters()).dtype if dev.type == "cuda" else torch.float32
-        rate = matmul_rate(dev, dt)
+        rate = compute_rate(dev, next(lm.model.parameters()).dtype)
         prepare = getattr(block_method, "prepare", None)
         if prepare is not None:  # GPTQ compiles its GPU kernels in the background while the text is read
             prepare(dev)

@@ -67,6 +67,12 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 1024) -> floa
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def compute_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """:func:`matmul_rate` in the precision a calibration run computes in: the model's ``dtype`` on a
+    GPU, float32 on the CPU."""
+    return matmul_rate(device, dtype if device.type == "cuda" else torch.float32)
+
+
 def available_bytes(device: torch.device) -> int:
     """Free memory of ``device`` (CUDA: free device memory; CPU: MemAvailable)."""
     if device.type == "cuda":
@@ -140,7 +146,7 @@ def estimate_run(model: nn.Module, spec: ArchSpec, method: BlockMethod, n_sample
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cpu_bytes = (model_bytes + (acts if device.type == "cpu" or offload else 0) + (hess - device_hess)
                  + host_sample)
-    rate = rate or matmul_rate(device, dtype if device.type == "cuda" else torch.float32)
+    rate = rate or compute_rate(device, dtype)
     flops = len(blocks) * runs * (2 * block_params * tokens + 4 * n_samples * seq_len**2 * d) + search_flops
     if isinstance(gq, GPTQMethod):
         flops += len(blocks) * sum(m.in_features**3 + 2 * m.out_features * m.in_features**2
