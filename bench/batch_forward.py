@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                  num_hidden_layers=1, max_position_embeddings=8192, rope_theta=500000.0)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gptq_speed import llama3_8b_config  # noqa: E402
+
+cfg = llama3_8b_config(1, tiny=False)
 cfg._attn_implementation = "sdpa"
 dev = torch.device("cuda")
 layer = LlamaDecoderLayer(cfg, 0).to(dev, torch.bfloat16).eval()
