@@ -30,6 +30,9 @@ from lowbit.core.scheme import get_scheme
 from lowbit.data import calibration_tokens, resolve_calib_texts
 from lowbit.jobs import evaluate_models, load_artifact, quantize_loaded
 from lowbit.models.loader import load_model
+from lowbit.pipeline.engine import Engine
+from lowbit.pipeline.registry import method_entry
+from lowbit.recipe import AWQConfig, Calibration, GPTQConfig, Recipe, SmoothQuantConfig
 from peers import machine, peer_artifact, reusable_seconds
 
 log = logging.getLogger("awq_quality")
@@ -71,13 +74,12 @@ def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argpars
         base, objective, opts = parse_variant(variant)
         method, clip = CLIP_VARIANTS.get(base, (base, a.awq_clip))
         art = out / f"{scheme.name}-{tag}"
-        done = _reusable(art, method, clip, objective, opts, a) if a.reuse_lowbit and alpha is None else None
+        recipe = Recipe(scheme, _method(method, clip, objective, opts, alpha),
+                        Calibration("c4", a.calib_samples, a.calib_len))
+        done = reusable_seconds(art, recipe) if a.reuse_lowbit and alpha is None else None
         if done is None:
             work = copy.deepcopy(ref)
-            res = quantize_loaded(work, scheme, art, method=method, calib="c4",
-                                  calib_samples=a.calib_samples, calib_len=a.calib_len, force=True, progress=False,
-                                  awq_clip=clip, awq_objective=objective, awq_options=opts,
-                                  **({"alpha": alpha} if alpha is not None else {}))
+            res = quantize_loaded(work, recipe, art, engine=Engine(progress=False), force=True)
             del work
             done = res.seconds
             log.info("%s %s: %.0f s", scheme.name, tag, done)
@@ -88,23 +90,13 @@ def lowbit_rows(ref: Any, scheme: Any, methods: list[str], out: Path, a: argpars
     return models, secs
 
 
-def _reusable(art: Path, method: str, clip: bool, objective: str, opts: dict[str, Any], a: argparse.Namespace
-              ) -> float | None:
-    """The quantize seconds of an existing AWQ artifact whose recipe records the same calibration and
-    search options (objective, token count, duo scaling, clipping), or None when it must be made again.
-    Options the recipe does not record (``propagate``) are never taken as matching."""
-    if method not in ("awq", "awq+gptq") or "propagate" in opts:
-        return None
-    from lowbit.pipeline.awq import AWQMethod
-
-    want = {"objective": objective, "max_tokens": opts.get("max_tokens", AWQMethod.max_tokens),
-            "duo_scaling": opts.get("duo_scaling", AWQMethod.duo_scaling)}
-
-    def same(r: dict[str, Any]) -> bool:
-        rec = r.get("awq", {})
-        return all(rec.get(k) == v for k, v in want.items()) and (rec.get("clipped_linears", 0) > 0) == clip
-
-    return reusable_seconds(art, method, a.calib_samples, a.calib_len, 0, same)
+def _method(method: str, clip: bool, objective: str, opts: dict[str, Any], alpha: float | None) -> Any:
+    """The method config of a bench variant."""
+    if method in ("awq", "awq+gptq"):
+        return AWQConfig(clip=clip, objective=objective, inner=GPTQConfig() if method == "awq+gptq" else None, **opts)
+    if method == "smoothquant":
+        return SmoothQuantConfig(alpha=0.5 if alpha is None else alpha)
+    return method_entry(method).config()
 
 
 def main() -> None:

@@ -40,6 +40,8 @@ from lowbit.core.io import write_json_atomic  # noqa: E402
 from lowbit.core.scheme import get_scheme  # noqa: E402
 from lowbit.jobs import evaluate_models, load_artifact, quantize  # noqa: E402
 from lowbit.models.sources import ensure_source  # noqa: E402
+from lowbit.pipeline.engine import Engine  # noqa: E402
+from lowbit.recipe import Calibration, Recipe  # noqa: E402
 
 LOWBIT = {
     "lowbit NF4": lambda: get_dt_scheme("NF4"),
@@ -86,8 +88,8 @@ def run_model(name: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for label, make in LOWBIT.items():
         scheme = make()
-        res = quantize(str(src), scheme, work / f"{name}-{label.split()[1]}-{len(meta)}", calib=a.calib,
-                       calib_samples=a.calib_samples, calib_len=a.calib_len, progress=False, force=True)
+        res = quantize(str(src), Recipe(scheme, calibration=Calibration(a.calib, a.calib_samples, a.calib_len)),
+                       work / f"{name}-{label.split()[1]}-{len(meta)}", engine=Engine(progress=False), force=True)
         m = load_artifact(res.path, dtype=torch.bfloat16)
         for mod in m.modules():
             if hasattr(mod, "cache"):

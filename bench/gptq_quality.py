@@ -18,7 +18,6 @@ import argparse
 import copy
 import logging
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,6 +32,9 @@ from lowbit.formats.compressed_tensors import load_quantized
 from lowbit.jobs import evaluate_models, quantize_loaded
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.models.loader import load_model
+from lowbit.pipeline.engine import Engine
+from lowbit.pipeline.registry import method_entry
+from lowbit.recipe import Calibration, Recipe
 from peers import machine, peer_artifact, reusable_seconds
 
 log = logging.getLogger("gptq_quality")
@@ -96,12 +98,12 @@ def main() -> None:
                                  refit=a.refit or "refit" in opts, search_power=power, asym_alpha=asym,
                                  asym_scope=scope, search_guard=guard)
                 art = out / name / f"{sname}-{variant}"
-                done = _reusable(art, cfg, method, a) if a.reuse_lowbit else None
+                recipe = Recipe(scheme, cfg if method == "gptq" else method_entry(method).config(),
+                                Calibration("c4", a.calib_samples, a.calib_len, a.seed))
+                done = reusable_seconds(art, recipe) if a.reuse_lowbit else None
                 if done is None:
                     work = copy.deepcopy(ref)
-                    res = quantize_loaded(work, scheme, art, method=method, calib="c4",
-                                          calib_samples=a.calib_samples, calib_len=a.calib_len, force=True,
-                                          progress=False, gptq=cfg, seed=a.seed)
+                    res = quantize_loaded(work, recipe, art, engine=Engine(progress=False), force=True)
                     del work
                     done = res.seconds
                 else:
@@ -141,17 +143,6 @@ def main() -> None:
                       "-" if r["kld"] is None else f"{r['kld']:.4f}", "-" if r["top1"] is None else f"{r['top1']:.4f}",
                       "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}")
     Console(width=200).print(table)
-
-
-#: options a recipe may predate, as they ran before they existed
-_LEGACY = {"asym_alpha": 0.0, "asym_scope": "all"}
-
-
-def _reusable(art: Path, cfg: GPTQConfig, method: str, a: argparse.Namespace) -> float | None:
-    """The quantize seconds of an existing artifact made with the same method, options and
-    calibration, or None when it must be made again."""
-    return reusable_seconds(art, method, a.calib_samples, a.calib_len, a.seed, lambda r: method != "gptq" or all(
-        r.get("gptq", {}).get(k, _LEGACY.get(k)) == v for k, v in asdict(cfg).items()))
 
 
 if __name__ == "__main__":

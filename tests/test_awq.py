@@ -15,6 +15,7 @@ from lowbit.models.archs import get_arch, get_blocks
 from lowbit.pipeline.awq import AWQMethod, AWQResult, parent_name
 from lowbit.pipeline.quantize import quantize_model
 from lowbit.pipeline.scaling import can_fold, fold_scales
+from lowbit.recipe import Recipe
 
 SCHEME = QuantScheme(4, 32, False)
 
@@ -178,10 +179,10 @@ def test_cli_awq_and_awq_gptq_and_errors(tmp_path, capsys):
                  "-o", str(tmp_path / "a")]) == 0
     assert main([*common, "--method", "awq", "--no-awq-clip", "--awq-save", str(tmp_path / "n.safetensors"),
                  "-o", str(tmp_path / "n")]) == 0
-    recipe = json.loads((tmp_path / "n" / "lowbit_recipe.json").read_text())["awq"]
-    assert recipe["max_tokens"] == AWQMethod.max_tokens == 16384 and recipe["objective"] == "parent"
+    recipe = Recipe.from_file(tmp_path / "n" / "recipe.yaml").method
+    assert recipe.max_tokens == AWQMethod.max_tokens == 16384 and recipe.objective == "parent" and not recipe.clip
     assert main([*common, "--method", "awq", "--awq-tokens", "64", "-o", str(tmp_path / "t")]) == 0
-    assert json.loads((tmp_path / "t" / "lowbit_recipe.json").read_text())["awq"]["max_tokens"] == 64
+    assert Recipe.from_file(tmp_path / "t" / "recipe.yaml").method.max_tokens == 64
     from lowbit.pipeline.awq import AWQResult
 
     with_clip, no_clip = AWQResult.load(tmp_path / "s.safetensors")[0], AWQResult.load(tmp_path / "n.safetensors")[0]

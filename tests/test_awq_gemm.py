@@ -127,7 +127,7 @@ def test_folder_layout_and_config(tmp_path):
     assert t[f"{n}.qzeros"].shape == (4, 8) and t[f"{n}.qzeros"].dtype == torch.int32
     assert t[f"{n}.scales"].shape == (4, 64) and t[f"{n}.scales"].dtype == torch.float16
     assert f"{n}.weight" not in t and t["model.embed_tokens.weight"].dtype == torch.float16
-    recipe = json.loads((out / awq.RECIPE_FILE).read_text())
+    recipe = json.loads((out / "provenance.json").read_text())
     assert recipe["scheme"]["bits"] == 4 and recipe["format"] == "awq-gemm"
     assert (out / "tokenizer.json").is_file()
 

@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model_dir
 from lowbit.cli import main
+from lowbit.pipeline.registry import entry_for
+from lowbit.recipe import Recipe
 
 TEXT = "\n\n".join(f"line {i}: the quick brown fox jumps over the lazy dog and low bit models" for i in range(80))
 
@@ -35,8 +37,8 @@ def test_quantize_then_eval(tmp_path, tiny, corpus, method, capsys):
                method, "--calib", str(corpus), "--calib-samples", "4", "--calib-len", "16", "-o", str(out)])
     assert rc == 0
     assert "14 linears" in capsys.readouterr().out
-    recipe = json.loads((out / "lowbit_recipe.json").read_text())
-    assert recipe["method"] == method and recipe["scheme"]["group_size"] == 32
+    recipe = Recipe.from_file(out / "recipe.yaml")
+    assert entry_for(recipe.method).name == method and recipe.scheme.group_size == 32
     AutoModelForCausalLM.from_pretrained(out)  # the brief's one-liner: transformers loads our artifact
     res = tmp_path / "eval.json"
     rc = main(["--no-progress", "eval", str(out), "--reference", str(tiny), "--data", str(corpus), "--ctx", "32",
@@ -53,8 +55,8 @@ def test_gptq_asymmetric_calibration_options_reach_the_recipe(tmp_path, tiny, co
     out = tmp_path / "q"
     assert main(["--no-progress", "quantize", str(tiny), "--scheme", "W4A16", "--group-size", "32", "--method", "gptq",
                  "--calib", str(corpus), "--calib-samples", "4", "--calib-len", "16", *extra, "-o", str(out)]) == 0
-    gptq = json.loads((out / "lowbit_recipe.json").read_text())["gptq"]
-    assert (gptq["asym_alpha"], gptq["asym_scope"]) == (alpha, scope)
+    gptq = Recipe.from_file(out / "recipe.yaml").method
+    assert (gptq.asym_alpha, gptq.asym_scope) == (alpha, scope)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -118,7 +120,7 @@ def test_gptq_warm_up_starts_after_the_rate_before_the_text_is_read(tmp_path, ti
     """The GPU warm-up (GPTQMethod.prepare) is asked for before tokenization, so its kernel compile
     overlaps reading the calibration text; the engine's later call is then a no-op. The estimate's
     matmul rate is timed before it, and the estimate uses that rate."""
-    import lowbit.jobs as jobs
+    from lowbit.jobs import quantization as jobs
     from lowbit.pipeline.gptq import GPTQMethod
 
     events: list[str] = []

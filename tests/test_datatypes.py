@@ -215,7 +215,7 @@ def test_cli_nf4_quantize_eval_and_errors(tmp_path, capsys):
     out = tmp_path / "nf4"
     assert main(["--no-progress", "quantize", str(src), "--scheme", "NF4", "--double-quant", "-o", str(out)]) == 0
     assert "14 linears" in capsys.readouterr().out
-    assert json.loads((out / "lowbit_recipe.json").read_text())["scheme"]["double_quant"] is True
+    assert json.loads((out / "provenance.json").read_text())["scheme"]["double_quant"] is True
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join("the quick brown fox jumps over the lazy dog" for _ in range(60)))
     assert main(["--no-progress", "eval", str(out), "--reference", str(src), "--data", str(corpus),

@@ -28,8 +28,8 @@ def test_two_ranks_match_one(tmp_path, method):
                           "--master-port", "29517", "-m", "lowbit.cli", "--no-progress", *args, "-o", str(two)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads((two / "lowbit_recipe.json").read_text())["world_size"] == 2
-    assert "world_size" not in json.loads((one / "lowbit_recipe.json").read_text())
+    assert json.loads((two / "provenance.json").read_text())["world_size"] == 2
+    assert "world_size" not in json.loads((one / "provenance.json").read_text())
     a, _ = load_quantized(one)
     b, _ = load_quantized(two)
     n_codes = n_same = 0

@@ -64,7 +64,7 @@ def test_layout_matches_compressed_tensors_spec(tmp_path):
     assert t[f"{n}.weight_zero_point"].shape == (64 * 4 // 32, 4)
     assert t[f"{n}.weight_shape"].tolist() == [64, 128]
     assert f"{n}.weight" not in t
-    recipe = json.loads((out / ct.RECIPE_FILE).read_text())
+    recipe = json.loads((out / ct.RECORD_FILE).read_text())
     assert recipe["scheme"]["bits"] == 4
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
 
@@ -128,8 +128,13 @@ def test_existing_output_refused_without_overwrite(tmp_path):
     with pytest.raises(LowbitError, match="not empty"):
         ct.save_quantized(model, qws, out)
     assert (out / "keep.txt").read_text() == "mine"
-    ct.save_quantized(model, qws, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    with pytest.raises(LowbitError, match="not a lowbit artifact"):  # --force replaces only our artifacts
+        ct.save_quantized(model, qws, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    art = ct.save_quantized(model, qws, tmp_path / "art")
+    (art / "stale.txt").write_text("from an earlier run")
+    ct.save_quantized(model, qws, art, overwrite=True)
+    assert not (art / "stale.txt").exists() and (art / "config.json").is_file()
 
 
 def test_corrupt_artifact_is_a_clear_error(tmp_path):

@@ -2,7 +2,6 @@
 
 import copy
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from lowbit.core.errors import FormatError, SchemeError
 from lowbit.core.fp8_linear import FP8Linear, FP8Weight, quantize_act_per_token, replace_with_fp8, saturate_cast
 from lowbit.formats import ct_float
 from lowbit.methods.fp8 import quantize_fp8
-from lowbit.pipeline.blockwise import run_blockwise
+from lowbit.pipeline.blockwise import BlockMethod, run_blockwise
 
 F8 = torch.float8_e4m3fn
 FP8, DYN = DT_PRESETS["FP8"], DT_PRESETS["FP8_DYNAMIC"]
@@ -182,8 +181,11 @@ def _quantized(tmp_path, scheme, arch="llama"):
     d = make_tiny_model_dir(tmp_path / f"src-{arch}", arch)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     ref = copy.deepcopy(model)
-    method = SimpleNamespace(needs_calibration=False, quantize_block=lambda ctx: {  # a minimal block method
-        n: quantize_fp8(lin.weight, scheme) for n, lin in ctx.linears.items()})
+    class FP8Only(BlockMethod):  # a minimal block method
+        def quantize_block(self, ctx):  # type: ignore[no-untyped-def]
+            return {n: quantize_fp8(lin.weight, scheme) for n, lin in ctx.linears.items()}
+
+    method = FP8Only()
     fws = run_blockwise(model, method, progress=False)  # model now holds W_hat (weight fake-quant)
     return d, ref, model, fws
 
@@ -238,7 +240,7 @@ def test_layout_matches_compressed_tensors(tmp_path, scheme):
     assert t[f"{n}.weight_scale"].dtype == torch.bfloat16  # what compressed-tensors writes for a bf16 model
     assert t[f"{n}.weight_scale"].shape == ((64, 1) if scheme.block_size is None else (2, 4))
     assert t["model.embed_tokens.weight"].dtype == torch.bfloat16
-    recipe = json.loads((out / "lowbit_recipe.json").read_text())
+    recipe = json.loads((out / "provenance.json").read_text())
     assert recipe["scheme"] == scheme.to_dict()
     assert (out / "tokenizer.json").is_file()
 

@@ -185,9 +185,12 @@ def test_lowbit_artifact_to_gguf_keeps_codes(tmp_path: Path, preset: str, gs: in
     computes what lowbit's own loader computes from the artifact."""
     from lowbit.core.scheme import get_scheme
     from lowbit.jobs import load_artifact, quantize
+    from lowbit.pipeline.engine import Engine
+    from lowbit.recipe import Recipe
 
     folder = make_tiny_model_dir(tmp_path / "hf", "llama")
-    art = quantize(str(folder), get_scheme(preset, group_size=gs), tmp_path / "art", progress=False).path
+    art = quantize(str(folder), Recipe(get_scheme(preset, group_size=gs)), tmp_path / "art",
+                   engine=Engine(progress=False)).path
     rep = write_gguf(art, tmp_path / "m.gguf", "auto")
     linears = [n for n in rep.types if n.startswith("blk.") and "norm" not in n]
     assert {rep.types[n] for n in linears} == {expect}

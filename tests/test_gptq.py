@@ -228,6 +228,8 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
     from lowbit.jobs import quantize
     from lowbit.models.archs import block_linears, get_arch, get_blocks
     from lowbit.pipeline import estimate
+    from lowbit.pipeline.engine import Engine
+    from lowbit.recipe import Calibration, Recipe
 
     d = make_tiny_model_dir(tmp_path / "m", "llama")
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
@@ -277,8 +279,8 @@ def test_memory_estimate_and_refusal(tmp_path, monkeypatch):
     monkeypatch.setattr(estimate, "available_bytes", lambda device: 2**16)
     out = tmp_path / "q"
     with pytest.raises(LowbitError, match=r"cpu cannot hold one block of this run.*--hessians-on-cpu"):
-        quantize(str(d), QuantScheme(4, 32), out, method="gptq", calib="python-docs", calib_samples=8,
-                 calib_len=64, progress=False)
+        quantize(str(d), Recipe(QuantScheme(4, 32), GPTQConfig(), Calibration("python-docs", 8, 64)), out,
+                 engine=Engine(progress=False))
     assert not out.exists()
 
 
@@ -289,16 +291,18 @@ def test_act_order_static_artifact_loads_in_transformers(tmp_path):
     import json
 
     from lowbit.jobs import quantize
+    from lowbit.pipeline.engine import Engine
+    from lowbit.recipe import Calibration, Recipe
 
     d = make_tiny_model_dir(tmp_path / "m", "qwen2")
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(f"line {i} of a small calibration corpus for gptq" for i in range(200)))
-    res = quantize(str(d), QuantScheme(4, 32), tmp_path / "out", method="gptq", calib=str(corpus),
-                   calib_samples=8, calib_len=32, progress=False)
+    res = quantize(str(d), Recipe(QuantScheme(4, 32), GPTQConfig(), Calibration(str(corpus), 8, 32)),
+                   tmp_path / "out", engine=Engine(progress=False))
     cfg = json.loads((res.path / "config.json").read_text())["quantization_config"]
     assert cfg["config_groups"]["group_0"]["weights"]["actorder"] == "weight"
-    recipe = json.loads((res.path / "lowbit_recipe.json").read_text())
-    assert recipe["gptq"]["act_order"] and len(recipe["gptq_layer_loss"]) == 14
+    record = json.loads((res.path / "provenance.json").read_text())
+    assert res.recipe.method.act_order and len(record["methods"]["gptq"]["gptq"]["layer_loss"]) == 14
     ours, _ = ct.load_quantized(res.path)
     theirs = AutoModelForCausalLM.from_pretrained(res.path, dtype=torch.float32)
     ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(2))

@@ -159,7 +159,7 @@ def test_quantized_artifact_is_refused(tiny_llama_dir, method):
     cfg = json.loads(cfg_path.read_text())
     cfg["quantization_config"] = {"quant_method": method, "format": "pack-quantized"}
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=f"quantized artifact \\({method}\\).*load_artifact"):
+    with pytest.raises(ModelLoadError, match=f"quantized artifact \\({method}\\).*lowbit.load"):
         load_model(tiny_llama_dir)
 
 

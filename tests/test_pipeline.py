@@ -10,7 +10,8 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.methods.rtn import quantize_rtn
 from lowbit.models.archs import get_arch
 from lowbit.pipeline.blockwise import capture_inputs, run_blockwise
-from lowbit.pipeline.quantize import ImatrixRTNMethod, quantize_model
+from lowbit.pipeline.quantize import quantize_model
+from lowbit.pipeline.rtn import ImatrixRTNMethod
 
 
 def _model(tmp_path, arch="llama", seed=0):

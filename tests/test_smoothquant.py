@@ -308,7 +308,7 @@ def test_layout_matches_compressed_tensors(artifacts, tmp_path, label):
     assert group.weights == want.weights and group.input_activations == want.input_activations
     assert cfg["quantization_config"]["format"] == infer_module_format(torch.nn.Linear, group).value == "int-quantized"
     assert cfg["quantization_config"]["ignore"] == ["lm_head"]
-    assert json.loads((folder / "lowbit_recipe.json").read_text())["scheme"] == (DYN if label == "dynamic"
+    assert json.loads((folder / "provenance.json").read_text())["scheme"] == (DYN if label == "dynamic"
                                                                                    else STATIC).to_dict()
     theirs_model = copy.deepcopy(model)
     apply_quantization_config(theirs_model, QuantizationConfig(config_groups={"group_0": want}, ignore=["lm_head"]))
@@ -422,8 +422,11 @@ def test_cli_smoothquant_and_w8a8_rtn(tmp_path, capsys):
               "--calib-len", "32"]
     assert main([*common, "--scheme", "W8A8", "--method", "smoothquant", "--alpha", "0.6",
                  "-o", str(tmp_path / "sq")]) == 0
-    recipe = _json.loads((tmp_path / "sq" / "lowbit_recipe.json").read_text())
-    assert recipe["alpha"] == 0.6 and recipe["smoothed_groups"] > 0
+    record = _json.loads((tmp_path / "sq" / "provenance.json").read_text())
+    assert record["methods"]["smoothquant"]["smoothed_groups"] > 0
+    from lowbit.recipe import Recipe
+
+    assert Recipe.from_file(tmp_path / "sq" / "recipe.yaml").method.alpha == 0.6
     assert main([*common, "--scheme", "W8A8_STATIC", "-o", str(tmp_path / "st")]) == 0
     assert main(["--no-progress", "eval", str(tmp_path / "sq"), "--reference", str(src), "--data", str(corpus),
                  "--ctx", "32", "--max-windows", "2"]) == 0

@@ -8,7 +8,6 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +29,18 @@ def peer_artifact(python: str, script: str, model_dir: str | Path, tokens_file: 
     return seconds
 
 
-def reusable_seconds(art: Path, method: str, calib_samples: int, calib_len: int, seed: int,
-                     same_options: Callable[[dict[str, Any]], bool]) -> float | None:
-    """The quantize seconds of the lowbit artifact ``art`` when its recipe records ``method``, this
-    calibration (C4 sample of ``calib_samples x calib_len`` drawn with ``seed``) and options ``same_options``
-    accepts; None when it must be made again (or does not exist)."""
-    f = art / "lowbit_recipe.json"
-    if not f.exists():
+def reusable_seconds(art: Path, recipe: Any) -> float | None:
+    """The quantize seconds of the lowbit artifact ``art`` when it was made by ``recipe`` (its stored
+    ``recipe.yaml`` equal to it, the storage dtype aside); None when it must be made again."""
+    from lowbit.recipe import Recipe
+
+    f, rec = art / "recipe.yaml", art / "provenance.json"
+    if not f.exists() or not rec.exists():
         return None
-    r = json.loads(f.read_text())
-    same = (r.get("method") == method and r.get("calib_samples") == calib_samples
-            and r.get("calib_len") == calib_len and r.get("seed", 0) == seed and same_options(r))
-    return float(r["quantize_seconds"]) if same else None
+    stored = Recipe.from_file(f)
+    if stored.replace(export=recipe.export) != recipe:
+        return None
+    return float(json.loads(rec.read_text())["quantize_seconds"])
 
 
 def machine() -> dict[str, Any]:

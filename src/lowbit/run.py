@@ -18,10 +18,14 @@ from torch import nn
 from lowbit import __version__
 from lowbit.core.io import write_json_atomic, write_text_atomic
 from lowbit.core.scheme import QuantScheme, get_scheme
-from lowbit.formats.compressed_tensors import load_quantized
-from lowbit.jobs import default_calib, evaluate_models, quantize_loaded
+from lowbit.formats.registry import load_artifact
+from lowbit.jobs.evaluate import evaluate_models
+from lowbit.jobs.quantization import quantize_loaded
 from lowbit.models.loader import load_model, model_size_bytes
 from lowbit.models.sources import DEFAULT_SOURCE
+from lowbit.pipeline.engine import Engine
+from lowbit.pipeline.registry import method_entry
+from lowbit.recipe.schema import Calibration, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,6 @@ def run_main(model: str = DEFAULT_SOURCE, out: str | Path | None = None, *, entr
     ref = load_model(model)
     out = Path(out or Path("runs") / ref.name)
     out.mkdir(parents=True, exist_ok=True)
-    calib = calib or default_calib()
     rows: list[dict[str, Any]] = [{
         "name": "reference", "scheme": f"{str(ref.storage_dtype).removeprefix('torch.')} (unquantized)",
         "method": "-", "bits_per_weight": float(torch.finfo(ref.storage_dtype).bits),
@@ -82,15 +85,16 @@ def run_main(model: str = DEFAULT_SOURCE, out: str | Path | None = None, *, entr
                          "does not divide every linear's input dimension of this model)")
         work = copy.deepcopy(ref)
         log.info("quantizing %s: %s with %s", e.name, scheme.label, e.method)
-        res = quantize_loaded(work, scheme, out / e.name, method=e.method, calib=calib,
-                              calib_samples=calib_samples, calib_len=calib_len, force=True, progress=progress)
+        recipe = Recipe(scheme, method_entry(e.method).config(), Calibration(calib, calib_samples, calib_len))
+        res = quantize_loaded(work, recipe, out / e.name, engine=Engine(device="cpu", progress=progress), force=True)
+        calib = calib or res.recipe.calibration.corpus
         del work
         rows.append({"name": e.name, "scheme": scheme.label, "method": e.method,
                      "bits_per_weight": res.bits_per_weight, "size_bytes": res.size_bytes,
                      "quantize_seconds": res.seconds, "path": str(res.path), "kept_16bit": res.kept})
     models: dict[str, nn.Module] = {"reference": ref.model}
     for r in rows[1:]:
-        models[r["name"]] = load_quantized(r["path"])[0]  # evaluate what was written
+        models[r["name"]] = load_artifact(r["path"])  # evaluate what was written
     corpus, results = evaluate_models(models, ref.tokenizer, reference="reference", data=data,
                                       protocol=protocol, ctx=ctx, max_windows=windows, progress=progress)
     ref_ppl = results["reference"].ppl

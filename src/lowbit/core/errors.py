@@ -25,3 +25,7 @@ class DataError(LowbitError):
 
 class FormatError(LowbitError):
     """An artifact on disk that does not follow its format."""
+
+
+class RecipeError(LowbitError, ValueError):
+    """A recipe that cannot be read or does not validate; the message names the key's path."""

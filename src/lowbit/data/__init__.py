@@ -3,6 +3,7 @@
 from lowbit.data.corpora import (
     WIKITEXT2_TEST_SHA256,
     c4_texts,
+    calibration_texts,
     calibration_tokens,
     default_eval_corpus,
     find_wikitext2_test,
@@ -17,6 +18,7 @@ from lowbit.data.corpora import (
 __all__ = [
     "WIKITEXT2_TEST_SHA256",
     "c4_texts",
+    "calibration_texts",
     "calibration_tokens",
     "default_eval_corpus",
     "find_wikitext2_test",

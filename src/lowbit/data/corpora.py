@@ -15,7 +15,6 @@ Data files are never copied into the repository; they are read where they lie.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import random
@@ -25,6 +24,14 @@ from typing import Any, Literal
 import torch
 
 from lowbit.core.errors import DataError
+from lowbit.data.sources import (
+    DEFAULT_CAP,
+    HF_PREFIX,
+    iter_documents,
+    iter_jsonl,
+    read_text_prefix,
+    sample_documents,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,18 +196,7 @@ def c4_texts(path: str | Path | None = None) -> list[str]:
         p = Path(path)
     if not p.is_file():
         raise DataError(f"JSON-lines file {p} does not exist; check the path")
-    texts: list[str] = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj: Any = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p} line {n} is not JSON ({e}); write one JSON object per line") from e
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f"{p} line {n} has no string field 'text'; each line needs {{\"text\": ...}}")
-            texts.append(obj["text"])
+    texts = list(iter_jsonl(p))
     if not texts:
         raise DataError(f"{p} holds no documents; give a JSON-lines file with a 'text' field per line")
     log.info("%d documents from %s", len(texts), p)
@@ -231,8 +227,10 @@ def default_eval_corpus() -> str:
 _WIKI_NAMES = {"wikitext2", "wikitext-2", "wikitext", "wikitext2-test"}
 
 
-def resolve_eval_text(name_or_path: str) -> tuple[str, str]:
-    """(corpus label, text) for ``wikitext2``, ``python-docs`` or a path to a UTF-8 text file."""
+def resolve_eval_text(name_or_path: str, max_chars: int | None = None) -> tuple[str, str]:
+    """(corpus label, text) for ``wikitext2``, ``python-docs``, a path (UTF-8 text, ``.jsonl`` or ``.parquet``
+    with a ``text`` field) or ``hf:NAME[:CONFIG[:SPLIT]]``; a file or dataset is read no further than
+    ``max_chars`` characters when given (the windows evaluated need no more)."""
     key = name_or_path.strip().lower()
     if key in _WIKI_NAMES:
         return "wikitext2", wikitext2_test()
@@ -240,23 +238,26 @@ def resolve_eval_text(name_or_path: str) -> tuple[str, str]:
         return "python-docs", python_docs("eval")
     if key.startswith("c4"):
         raise DataError("C4 is calibration data, never evaluation data; evaluate on wikitext2 or python-docs")
-    p = Path(name_or_path)
-    if p.is_file():
-        return f"file:{p.name}", text_file(p)
+    if name_or_path.startswith(HF_PREFIX) or Path(name_or_path).expanduser().is_file():
+        return read_text_prefix(name_or_path, max_chars)
     raise DataError(
-        f"evaluation corpus {name_or_path!r} is neither a known name nor an existing file; "
-        "use 'wikitext2', 'python-docs' or the path of a UTF-8 text file"
+        f"evaluation corpus {name_or_path!r} is neither a known name nor an existing file; use 'wikitext2', "
+        "'python-docs', a path (.txt, .jsonl, .parquet) or hf:NAME[:CONFIG[:SPLIT]]"
     )
 
 
-def resolve_calib_texts(spec: str) -> list[str]:
-    """Calibration documents for ``c4``, ``c4:PATH``, ``python-docs``, a ``.jsonl`` path or a text file."""
+def resolve_calib_texts(spec: str, cap: int = DEFAULT_CAP, seed: int = 0) -> list[str]:
+    """Calibration documents for ``c4``, ``c4:PATH``, ``python-docs``, a path (``.jsonl``, ``.parquet``, text)
+    or ``hf:NAME[:CONFIG[:SPLIT]]``; a file or dataset is streamed and at most ``cap`` documents are kept
+    (a seeded reservoir sample; all of them, in order, when there are fewer)."""
     key = spec.strip()
     low = key.lower()
-    if low == "c4":
-        return c4_texts()
-    if low.startswith("c4:"):
-        return c4_texts(key[3:])
+    if low == "c4" or low.startswith("c4:"):
+        p = _find(C4_REL) if low == "c4" else Path(key[3:])
+        if p is None:
+            raise DataError(f"C4 calibration file {C4_REL} not found; pass its path (c4:PATH), set {ENV_VAR}, "
+                            "or run from the project root so that ../shared/data is found")
+        return _sampled(str(p), cap, seed)
     if low in ("python-docs", "pydocs"):
         return python_docs_documents("calib")
     if low.startswith("wikitext"):
@@ -264,13 +265,44 @@ def resolve_calib_texts(spec: str) -> list[str]:
             "only the WikiText-2 *test* split is available and calibrating on evaluation text "
             "inflates results; calibrate on 'c4' or 'python-docs'"
         )
-    p = Path(key)
-    if p.is_file():
-        return c4_texts(p) if p.suffix == ".jsonl" else [text_file(p)]
+    if key.startswith(HF_PREFIX) or Path(key).expanduser().is_file():
+        return _sampled(key, cap, seed)
     raise DataError(
-        f"calibration source {spec!r} is neither a known name nor an existing file; "
-        "use 'c4', 'c4:PATH', 'python-docs', a .jsonl file with a 'text' field, or a text file"
+        f"calibration source {spec!r} is neither a known name nor an existing file; use 'c4', 'c4:PATH', "
+        "'python-docs', a path (.jsonl with a 'text' field, .parquet, .txt) or hf:NAME[:CONFIG[:SPLIT]]"
     )
+
+
+def _sampled(spec: str, cap: int, seed: int) -> list[str]:
+    label, it = iter_documents(spec)
+    docs, n = sample_documents(it, cap, seed)
+    if not docs:
+        raise DataError(f"{spec} holds no documents (every record is blank)")
+    if n > len(docs):
+        log.info("%s: %d of %d documents sampled (seed %d)", label, len(docs), n, seed)
+    else:
+        log.info("%s: %d documents", label, n)
+    return docs
+
+
+DEFAULT_CALIB = "c4"
+FALLBACK_CALIB = "python-docs"
+
+
+def calibration_texts(spec: str | None) -> tuple[str, list[str], str | None]:
+    """``(corpus name, documents, fallback note)`` of a calibration spec; None is the default corpus.
+
+    The default is ``c4`` when the C4 sample is found, else CPython's documentation, with a warning
+    that says how to supply C4; the note (None without a fallback) goes into the artifact's record."""
+    if spec is not None:
+        return spec, resolve_calib_texts(spec), None
+    try:
+        return DEFAULT_CALIB, resolve_calib_texts(DEFAULT_CALIB), None
+    except DataError as e:
+        log.warning("no calibration corpus named and the C4 sample was not found (%s); calibrating on CPython's "
+                    "documentation instead. Pass --calib c4:PATH, a .jsonl/.txt/.parquet file, or "
+                    "hf:allenai/c4:en:validation for a representative corpus", e)
+        return FALLBACK_CALIB, resolve_calib_texts(FALLBACK_CALIB), f"{DEFAULT_CALIB} not found; used {FALLBACK_CALIB}"
 
 
 def calibration_tokens(

@@ -211,10 +211,9 @@ def evaluate(
         len(models), len(windows), protocol, ctx, total_scored, reference,
     )
 
-    from rich.progress import Progress
+    from lowbit.core.progress import progress as ticker
 
-    with torch.inference_mode(), Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"{protocol} ppl", total=len(windows))
+    with torch.inference_mode(), ticker(f"{protocol} perplexity", len(windows), progress) as bar:
         for w in windows:
             ids = w.input_ids
             target = ids[0, w.first + 1 :]
@@ -244,7 +243,7 @@ def evaluate(
                     acc.agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
                     acc.kl_samples.append(kl[::stride].float().cpu())
                 del logp
-            bar.advance(task)
+            bar.advance()
 
     results: dict[str, EvalResult] = {}
     for name in models:

@@ -33,7 +33,6 @@ construction. The folder always encodes exactly what lowbit's loader rebuilds.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,12 +46,12 @@ from lowbit.core.qlinear import QuantLinear
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.formats.hf_folder import (
-    RECIPE_FILE,
     check_linears,
     empty_model,
     finish_load,
     model_tensors,
     read_config,
+    read_record,
     read_tensors,
     replace_module,
     write_hf_folder,
@@ -158,7 +157,8 @@ def quantization_config(group_size: int, ignore: list[str]) -> dict[str, Any]:
 
 def save_awq_gemm(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: str | Path, *,
                   tokenizer: Any = None, recipe: dict[str, Any] | None = None,
-                  dtype: torch.dtype = torch.float16, overwrite: bool = False) -> Path:
+                  dtype: torch.dtype = torch.float16, overwrite: bool = False,
+                  files: dict[str, str] | None = None) -> Path:
     """Write ``model`` with ``qweights`` (``{linear name: QuantizedWeight}``) as an AWQ GEMM folder.
 
     Every other floating-point tensor (and each bias) is stored in ``dtype``: fp16, as AWQ engines
@@ -182,7 +182,7 @@ def save_awq_gemm(model: nn.Module, qweights: dict[str, QuantizedWeight], out_di
     qc = quantization_config(int(scheme.group_size or 0), ignore)
     return write_hf_folder(model, tensors, out_dir, quantization_config=qc, dtype=dtype, tokenizer=tokenizer,
                            recipe={"scheme": scheme.to_dict(), "format": "awq-gemm", **(recipe or {})},
-                           overwrite=overwrite)
+                           overwrite=overwrite, files=files)
 
 
 def is_awq_artifact(config: dict[str, Any]) -> bool:
@@ -207,11 +207,8 @@ def _read_gemm_config(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _recipe_symmetric(folder: Path) -> bool:
-    try:
-        scheme = json.loads((folder / RECIPE_FILE).read_text()).get("scheme") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return bool(scheme.get("symmetric", False))
+    scheme = read_record(folder).get("scheme")
+    return isinstance(scheme, dict) and bool(scheme.get("symmetric", False))
 
 
 def load_awq_gemm(path: str | Path, dtype: torch.dtype = torch.float32, cache: bool = True

@@ -88,7 +88,7 @@ def pack_4bit(name: str, qw: Blockwise4bitWeight) -> dict[str, torch.Tensor]:
 
 def save_bnb(model: nn.Module, weights: dict[str, BnbWeight], out_dir: str | Path, *, scheme: DataTypeScheme,
              tokenizer: Any = None, recipe: dict[str, Any] | None = None, dtype: torch.dtype = torch.bfloat16,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
     """Write ``model`` with ``weights`` (``{linear name: weight}``) as a transformers + bitsandbytes folder."""
     if not weights:
         raise FormatError("nothing to save: no quantized weights were given")
@@ -110,7 +110,7 @@ def save_bnb(model: nn.Module, weights: dict[str, BnbWeight], out_dir: str | Pat
     extra = {OUTLIER_FILE: outliers} if outliers else None
     return write_hf_folder(model, tensors, out_dir, quantization_config=quantization_config(scheme, skip, dtype),
                            dtype=dtype, tokenizer=tokenizer, recipe={"scheme": scheme.to_dict(), **(recipe or {})},
-                           overwrite=overwrite, extra_files=extra)
+                           overwrite=overwrite, extra_files=extra, files=files)
 
 
 def is_bnb_artifact(config: dict[str, Any]) -> bool:

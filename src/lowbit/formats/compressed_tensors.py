@@ -1,8 +1,11 @@
 """compressed-tensors ``pack-quantized`` checkpoints: the layout vLLM and transformers load.
 
 A Hugging Face folder: ``config.json`` with a ``quantization_config`` (``quant_method:
-compressed-tensors``, ``format: pack-quantized``), safetensors, the tokenizer, and
-``lowbit_recipe.json``. Per quantized linear ``L`` (``W (out, in)``, ``G`` groups, ``b`` bits)::
+compressed-tensors``, ``format: pack-quantized``), safetensors, the tokenizer, and lowbit's
+``recipe.yaml`` and ``provenance.json``. One ``config_groups`` entry per scheme: a single scheme
+targets ``Linear``; several (per-layer overrides) each target exactly their layers
+(:func:`lowbit.core.targets.compact_targets`), and the 16-bit linears are listed in ``ignore``.
+Per quantized linear ``L`` (``W (out, in)``, ``G`` groups, ``b`` bits)::
 
     L.weight_packed      (out, ceil(in*b/32))  int32   signed codes + 2^(b-1), packed along in
     L.weight_scale       (out, G)              dtype   (G = 1 for per-channel)
@@ -28,8 +31,9 @@ from lowbit.core.packing import pack_int32, unpack_int32
 from lowbit.core.qlinear import QuantLinear
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
+from lowbit.core.targets import compact_targets, matches
 from lowbit.formats.hf_folder import (
-    RECIPE_FILE,
+    RECORD_FILE,
     check_linears,
     empty_model,
     finish_load,
@@ -44,27 +48,34 @@ log = logging.getLogger(__name__)
 
 CT_FORMAT = "pack-quantized"
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose layout this writer follows
-__all__ = ["RECIPE_FILE", "load_quantized", "save_quantized", "read_scheme", "pack_tensors", "unpack_tensors"]
+__all__ = ["RECORD_FILE", "load_quantized", "save_quantized", "read_groups", "read_scheme", "pack_tensors",
+           "unpack_tensors"]
+Groups = list[tuple[QuantScheme, list[str]]]
 
 
-def quantization_config(scheme: QuantScheme, ignore: list[str], actorder: str | None = None) -> dict[str, Any]:
-    """The ``quantization_config`` block of config.json for ``scheme``.
+def weight_args(scheme: QuantScheme, actorder: str | None = None) -> dict[str, Any]:
+    """compressed-tensors ``QuantizationArgs`` of ``scheme``'s weights."""
+    return {"num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
+            "group_size": scheme.group_size, "strategy": scheme.strategy, "block_structure": None,
+            "dynamic": False, "actorder": actorder if scheme.group_size is not None else None,
+            "observer": "minmax", "observer_kwargs": {}}
+
+
+def quantization_config(groups: QuantScheme | Groups, ignore: list[str], actorder: str | None = None
+                        ) -> dict[str, Any]:
+    """The ``quantization_config`` block of config.json: one config group per ``(scheme, targets)``.
 
     ``actorder``: ``"group"`` when layers carry ``weight_g_idx``, ``"weight"`` for act-order with
     static groups (plain group layout), ``None`` otherwise.
     """
-    weights = {
-        "num_bits": scheme.bits, "type": "int", "symmetric": scheme.symmetric,
-        "group_size": scheme.group_size, "strategy": scheme.strategy, "block_structure": None,
-        "dynamic": False, "actorder": actorder, "observer": "minmax",
-        "observer_kwargs": {},
-    }
+    if isinstance(groups, QuantScheme):
+        groups = [(groups, ["Linear"])]
+    cg = {f"group_{i}": {"targets": list(t), "weights": weight_args(s, actorder), "input_activations": None,
+                         "output_activations": None, "format": CT_FORMAT} for i, (s, t) in enumerate(groups)}
     return {
         "quant_method": "compressed-tensors", "format": CT_FORMAT, "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                      "output_activations": None, "format": CT_FORMAT}},
-        "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {}, "transform_config": {},
-        "global_compression_ratio": None, "version": CT_VERSION,
+        "config_groups": cg, "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {},
+        "transform_config": {}, "global_compression_ratio": None, "version": CT_VERSION,
     }
 
 
@@ -99,43 +110,72 @@ def unpack_tensors(name: str, t: dict[str, torch.Tensor], scheme: QuantScheme) -
 def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: str | Path, *,
                    tokenizer: Any = None, recipe: dict[str, Any] | None = None,
                    dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
-                   actorder: str | None = None) -> Path:
+                   actorder: str | None = None, files: dict[str, str] | None = None) -> Path:
     """Write ``model`` with ``qweights`` (``{linear name: QuantizedWeight}``) as a compressed-tensors folder.
 
-    Every other floating-point tensor is stored in ``dtype``; the folder appears atomically.
+    Every other floating-point tensor is stored in ``dtype``; the folder appears atomically. ``recipe``
+    is the provenance record (``provenance.json``), ``files`` more text files (``recipe.yaml``).
     """
     if not qweights:
         raise FormatError("nothing to save: no quantized weights were given")
-    schemes = {qw.scheme.with_options(name=None) for qw in qweights.values()}
-    if len(schemes) != 1:
-        raise FormatError(f"one scheme per checkpoint is supported, got {len(schemes)}")
-    scheme = next(iter(schemes))
+    by_scheme: dict[QuantScheme, list[str]] = {}
+    for n, qw in qweights.items():
+        by_scheme.setdefault(qw.scheme.with_options(name=None), []).append(n)
+    if len(by_scheme) == 1:
+        groups: Groups = [(next(iter(by_scheme)), ["Linear"])]
+    else:
+        groups = [(sc, compact_targets(names)) for sc, names in by_scheme.items()]
     if any(qw.g_idx is not None for qw in qweights.values()):
         actorder = "group"
     ignore = check_linears(model, qweights)
     tensors = model_tensors(model, qweights, dtype)
     for n, qw in qweights.items():
         tensors.update(pack_tensors(n, qw, dtype))
-    return write_hf_folder(model, tensors, out_dir, quantization_config=quantization_config(scheme, ignore, actorder),
-                           dtype=dtype, tokenizer=tokenizer, recipe={"scheme": scheme.to_dict(), **(recipe or {})},
-                           overwrite=overwrite)
+    record = {"scheme": groups[0][0].to_dict(), **(recipe or {})}
+    if len(groups) > 1:
+        record["schemes"] = [sc.to_dict() for sc, _ in groups]
+    return write_hf_folder(model, tensors, out_dir, quantization_config=quantization_config(groups, ignore, actorder),
+                           dtype=dtype, tokenizer=tokenizer, recipe=record, overwrite=overwrite, files=files)
 
 
-def read_scheme(config: dict[str, Any]) -> tuple[QuantScheme, dict[str, Any]]:
-    """The lowbit scheme of a pack-quantized ``config.json`` dict, and its quantization_config."""
+def read_groups(config: dict[str, Any]) -> tuple[Groups, dict[str, Any]]:
+    """``[(scheme, targets)]`` of a pack-quantized ``config.json`` dict, and its quantization_config."""
     qc = config.get("quantization_config")
     if not qc or qc.get("quant_method") != "compressed-tensors":
         raise FormatError("config.json has no compressed-tensors quantization_config: not a quantized artifact")
     if qc.get("format") != CT_FORMAT:
         raise FormatError(f"format {qc.get('format')!r} is not supported by lowbit's loader (only {CT_FORMAT})")
-    groups = list(qc.get("config_groups", {}).values())
+    groups: Groups = []
+    for gname, g in (qc.get("config_groups") or {}).items():
+        w = g.get("weights") or {}
+        if w.get("type") != "int" or w.get("strategy") not in ("group", "channel") or g.get("input_activations"):
+            raise FormatError(f"config group {gname}: unsupported weight args {w}")
+        gs = w.get("group_size") if w.get("strategy") == "group" else None
+        groups.append((QuantScheme(int(w["num_bits"]), gs, bool(w["symmetric"])), list(g.get("targets") or [])))
+    if not groups:
+        raise FormatError("config.json's quantization_config has no config_groups")
+    return groups, qc
+
+
+def scheme_for(name: str, groups: Groups) -> QuantScheme:
+    """The scheme of the quantized linear ``name``: its group by exact name, then ``re:``, then ``Linear``
+    (compressed-tensors' precedence)."""
+    for kind in ("name", "re", "Linear"):
+        for s, targets in groups:
+            for t in targets:
+                hit = (t == name if kind == "name" else
+                       t.startswith("re:") and matches(t, name) if kind == "re" else t == "Linear")
+                if hit:
+                    return s
+    raise FormatError(f"{name}: no config group of quantization_config targets this layer")
+
+
+def read_scheme(config: dict[str, Any]) -> tuple[QuantScheme, dict[str, Any]]:
+    """The one scheme of a single-group pack-quantized ``config.json`` dict, and its quantization_config."""
+    groups, qc = read_groups(config)
     if len(groups) != 1:
-        raise FormatError(f"expected one config group, found {len(groups)}")
-    w = groups[0]["weights"]
-    if w.get("type") != "int" or w.get("strategy") not in ("group", "channel"):
-        raise FormatError(f"unsupported weight args {w}")
-    gs = w.get("group_size") if w.get("strategy") == "group" else None
-    return QuantScheme(int(w["num_bits"]), gs, bool(w["symmetric"])), qc
+        raise FormatError(f"this artifact has {len(groups)} schemes (per-layer overrides); read it with read_groups")
+    return groups[0][0], qc
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, cache: bool = True
@@ -146,12 +186,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, cache: 
     each layer keeps its dequantized weight after the first forward (fast repeated evaluation).
     """
     folder = Path(path)
-    scheme, _ = read_scheme(read_config(folder))
+    groups, _ = read_groups(read_config(folder))
     tensors = read_tensors(folder)
     model = empty_model(folder, dtype)
     names = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")})
     for name in names:
-        qw = unpack_tensors(name, tensors, scheme)
+        qw = unpack_tensors(name, tensors, scheme_for(name, groups))
         bias = tensors.get(f"{name}.bias")
         q = QuantLinear.from_qweight(qw, bias, dtype=tensors[f"{name}.weight_scale"].dtype)
         q.cache = cache
@@ -160,4 +200,4 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, cache: 
         replace_module(model, name, q)
         for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx", "bias"):
             tensors.pop(f"{name}.{k}", None)
-    return finish_load(model, tensors, names, folder, dtype), scheme
+    return finish_load(model, tensors, names, folder, dtype), groups[0][0]

@@ -120,7 +120,7 @@ def read_fp8_scheme(config: dict[str, Any]) -> DataTypeScheme:
 
 def save_fp8(model: nn.Module, fweights: dict[str, FP8Weight], out_dir: str | Path, *, scheme: DataTypeScheme,
              tokenizer: Any = None, recipe: dict[str, Any] | None = None, dtype: torch.dtype = torch.bfloat16,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
     """Write ``model`` with ``fweights`` (``{linear name: FP8Weight}``) as a compressed-tensors folder.
 
     Float8 weights and scales are written as they are (scales keep their dtype); every other
@@ -140,7 +140,7 @@ def save_fp8(model: nn.Module, fweights: dict[str, FP8Weight], out_dir: str | Pa
         tensors[f"{n}.weight_scale"] = fw.scale.detach().cpu().contiguous()
     return write_hf_folder(model, tensors, out_dir, quantization_config=quantization_config_fp8(scheme, ignore),
                            dtype=dtype, tokenizer=tokenizer, recipe={"scheme": scheme.to_dict(), **(recipe or {})},
-                           overwrite=overwrite)
+                           overwrite=overwrite, files=files)
 
 
 def load_fp8(path: str | Path, dtype: torch.dtype = torch.float32, cache: bool = True

@@ -113,7 +113,8 @@ def _check_weight(name: str, qw: QuantizedWeight) -> None:
 
 def save_w8a8(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: str | Path, *, scheme: QuantScheme,
               tokenizer: Any = None, recipe: dict[str, Any] | None = None, dtype: torch.dtype = torch.bfloat16,
-              overwrite: bool = False, input_scales: dict[str, float] | None = None) -> Path:
+              overwrite: bool = False, input_scales: dict[str, float] | None = None,
+              files: dict[str, str] | None = None) -> Path:
     """Write ``model`` with ``qweights`` (``{linear name: QuantizedWeight}``, 8-bit symmetric per channel)
     as a compressed-tensors int-quantized folder.
 
@@ -145,7 +146,7 @@ def save_w8a8(model: nn.Module, qweights: dict[str, QuantizedWeight], out_dir: s
             tensors[f"{n}.input_scale"] = torch.tensor([float(input_scales[n])], dtype=qw.scales.dtype)
     return write_hf_folder(model, tensors, out_dir, quantization_config=quantization_config_w8a8(scheme, ignore),
                            dtype=dtype, tokenizer=tokenizer, recipe={"scheme": scheme.to_dict(), **(recipe or {})},
-                           overwrite=overwrite)
+                           overwrite=overwrite, files=files)
 
 
 def load_w8a8(path: str | Path, dtype: torch.dtype = torch.float32, cache: bool = True

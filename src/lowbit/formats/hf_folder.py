@@ -2,8 +2,9 @@
 
 A folder holds ``config.json`` (with the format's ``quantization_config``), safetensors shards
 (4 GiB each, with ``model.safetensors.index.json`` when there are several), the generation
-config, the tokenizer and ``lowbit_recipe.json`` (how the artifact was made). The folder
-appears atomically: it is built beside the target and renamed into place.
+config, the tokenizer, ``recipe.yaml`` (the exact recipe that made it, written by the job layer) and
+``provenance.json`` (versions, source, timings, what each method reported). The folder appears
+atomically: it is built beside the target and renamed into place.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.core.errors import FormatError
-from lowbit.core.io import atomic_dir, write_json_atomic
+from lowbit.core.io import atomic_dir, write_json_atomic, write_text_atomic
 
-RECIPE_FILE = "lowbit_recipe.json"
+RECORD_FILE = "provenance.json"
+RECIPE_FILE = "recipe.yaml"
+LEGACY_RECORD_FILE = "lowbit_recipe.json"  # written by lowbit before recipes
 SHARD_BYTES = 4 * 2**30
 
 
@@ -59,8 +62,10 @@ def check_linears(model: nn.Module, quantized: Iterable[str]) -> list[str]:
 def write_hf_folder(model: nn.Module, tensors: dict[str, torch.Tensor], out_dir: str | Path, *,
                     quantization_config: dict[str, Any], dtype: torch.dtype, tokenizer: Any = None,
                     recipe: dict[str, Any] | None = None, overwrite: bool = False,
-                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Write a complete model folder atomically; ``extra_files`` are more safetensors files by name."""
+                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
+                    files: dict[str, str] | None = None) -> Path:
+    """Write a complete model folder atomically: ``recipe`` is the provenance record (``provenance.json``),
+    ``files`` more text files by name (``recipe.yaml``), ``extra_files`` more safetensors files by name."""
     model_config: Any = model.config
     config = model_config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
@@ -76,7 +81,9 @@ def write_hf_folder(model: nn.Module, tensors: dict[str, torch.Tensor], out_dir:
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / RECIPE_FILE, recipe or {})
+        write_json_atomic(tmp / RECORD_FILE, recipe or {})
+        for fname, text in (files or {}).items():
+            write_text_atomic(tmp / fname, text)
     return Path(out_dir)
 
 
@@ -102,6 +109,19 @@ def write_shards(tensors: dict[str, torch.Tensor], folder: Path) -> None:
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     write_json_atomic(folder / "model.safetensors.index.json",
                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def read_record(folder: str | Path) -> dict[str, Any]:
+    """An artifact's provenance record (``provenance.json``, or an older ``lowbit_recipe.json``), or {}."""
+    for name in (RECORD_FILE, LEGACY_RECORD_FILE):
+        f = Path(folder) / name
+        if f.is_file():
+            try:
+                data = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:

@@ -57,31 +57,27 @@ ASYM_SCOPES = ("all", "skip-last", "residual")
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    """Options of GPTQ (defaults follow llm-compressor: damp 0.01, blocks of 128, act-order with
-    static groups, which costs nothing at inference; plus asymmetric calibration at strength 0.5 on
-    every group of linears but the block's last)."""
+    """Options of GPTQ. Defaults follow llm-compressor (damp 0.01, blocks of 128, act-order with static
+    groups, which costs nothing at inference), plus asymmetric calibration (GPTAQ) at strength 0.5 on
+    every group of linears but the block's last; docs/decisions.md gives the measurements behind them.
 
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = True
-    static_groups: bool = True
-    search: bool = False
-    max_damp_tries: int = 8
+    ``true_sequential`` is read by the block engine (one run of the block per group of linears).
+    ``cuda_graphs`` and ``triton`` choose how the column loop runs on a GPU, never its result."""
+
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    block_size: int = 128  # columns per lazy update
+    act_order: bool = True  # columns by decreasing Hessian diagonal
+    static_groups: bool = True  # group scales fitted before the updates (plain group layout, no g_idx)
+    search: bool = False  # MSE clipping search of each group's range
+    max_damp_tries: int = 8  # damping x10 per failed factorisation, at most this often
     cuda_graphs: bool = True  # replay the column loop of static-group blocks as CUDA graphs on GPUs
     triton: bool = True  # on GPUs with Triton: one kernel per block of static-group columns (else graphs)
     refit: bool = False  # after the columns, refit static group scales to the layer output error (gptq_refit)
     search_power: float = 1.0  # importance of column j in the clipping search: (H_jj / mean H_jj) ** power
-    # > 0: asymmetric calibration towards the float model's outputs (gptaq), this strength; 0 = plain GPTQ.
-    # 0.5 by default: it met the quality targets in all four bench cells (README, bench/results)
-    asym_alpha: float = 0.5
-    # which groups of linears get the asymmetric target (ASYM_SCOPES): "all"; "skip-last": not the block's
-    # last (down_proj: the widest input, whose float input needs the float run of the whole block before
-    # it and whose D is the largest); "residual": only the norm-fed groups (q/k/v, gate/up). skip-last by
-    # default: on the bench cells it matched "all" (better on two, worse on two, within the seed noise)
-    # at plain GPTQ's peak memory (1.18x one block + its Hessians on the H200, against 1.91x)
-    asym_scope: str = "skip-last"
-    search_guard: int = 0  # > 0 (with search): keep the search per layer only if it does not raise the worst
-    # error on the search_guard largest-norm calibration tokens (pipeline.gptq.GPTQMethod._guarded_solve)
+    asym_alpha: float = 0.5  # asymmetric calibration towards the float model's outputs (gptaq); 0 = plain GPTQ
+    asym_scope: str = "skip-last"  # the groups aimed at the float output (ASYM_SCOPES)
+    search_guard: int = 0  # > 0: keep the search per layer only if the worst top-token error does not grow
+    true_sequential: bool = True  # one run of the block per group of linears, each seeing the previous quantized
 
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:

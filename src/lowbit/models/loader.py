@@ -136,11 +136,52 @@ def _check_folder(folder: Path, allow_quantized: bool) -> dict:
     if method in ("compressed-tensors", "bitsandbytes", "awq") and not allow_quantized:
         raise ModelLoadError(
             f"{folder} is a quantized artifact ({method}); this loader reads dense checkpoints only. "
-            f"Fix: evaluate it with `lowbit eval {folder}` or load it with lowbit.jobs.load_artifact."
+            f"Fix: evaluate it with `lowbit eval {folder}` or load it with lowbit.load({str(folder)!r})."
         )
     for st in sorted(folder.glob("*.safetensors")):
         check_safetensors(st)
     return config
+
+
+def check_spec(spec: str | Path) -> None:
+    """Refuse, without loading anything, a model spec that cannot name a model: a missing path, a file that
+    is not a .gguf, a folder without config.json, or a string that is no offline source nor hub id."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if text in SOURCES and not path.exists():
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json, so it is not a model folder. Fix: pass the folder "
+                                 f"that holds config.json, a .gguf file, or one of: {', '.join(list_sources())}")
+        return
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; single files are read only as GGUF")
+        return
+    looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1
+    if looks_local or not _HUB_ID.match(text):
+        raise ModelLoadError(f"no such file or folder: {text}. Fix: pass a model folder, a .gguf file, a hub id, "
+                             f"or one of the offline sources: {', '.join(list_sources())}")
+
+
+def peek_config(spec: str | Path) -> dict | None:
+    """A model's ``config.json`` without loading (or fetching) anything: a local folder's, or a cached offline
+    source's; None for a GGUF, a hub id or a source not yet fetched."""
+    from lowbit.models.sources import cache_root
+
+    text = str(spec)
+    path = Path(text).expanduser()
+    if text in SOURCES and not path.exists():
+        path = cache_root() / "models" / text
+    f = path / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("text_config", cfg) if isinstance(cfg, dict) else None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -180,9 +180,45 @@ class AWQResult:
         return res, QuantScheme.from_dict(json.loads(meta["scheme"]))
 
 
+@dataclass(frozen=True)
+class AWQConfig:
+    """Options of AWQ (defaults in docs/decisions.md): the scale search, the optional clipping search,
+    and ``inner``, the method that quantizes the scaled block: RTN (``RTNConfig``) or GPTQ
+    (``GPTQConfig``). ``preset``: a saved search result (``--awq-save``) applied instead of searching."""
+
+    grid: int = 20
+    duo_scaling: bool | str = True  # True, False, or "both" (score both grids)
+    clip: bool = False
+    objective: str = "parent"  # "parent": the output error of the module holding the group; "linear": its own
+    max_tokens: int = 16384  # calibration tokens the scale search scores
+    propagate: str = "quantized"  # what a block passes on: its quantized outputs, or "float" ones (AutoAWQ)
+    clip_tokens: int = 512
+    inner: Any = None  # RTNConfig | GPTQConfig; None is RTN
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or self.grid < 2:
+            raise SchemeError(f"AWQ grid must be an integer >= 2, got {self.grid!r}")
+        if self.duo_scaling not in (True, False, "both"):
+            raise SchemeError(f"AWQ duo_scaling must be true, false or 'both', got {self.duo_scaling!r}")
+        if self.objective not in ("parent", "linear"):
+            raise SchemeError(f"AWQ objective must be 'parent' or 'linear', got {self.objective!r}")
+        if self.propagate not in ("quantized", "float"):
+            raise SchemeError(f"AWQ propagate must be 'quantized' or 'float', got {self.propagate!r}")
+        for f in ("max_tokens", "clip_tokens"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SchemeError(f"AWQ {f} must be a positive integer, got {v!r}")
+
+
 @dataclass
-class AWQMethod:
-    """AWQ search + apply per block, then ``inner`` quantizes the block (None: plain RTN)."""
+class AWQMethod(BlockMethod):
+    """AWQ search + apply per block, then ``inner`` quantizes the block (None: plain RTN).
+
+    Each group of linears is searched and quantized with the scheme the engine assigned it
+    (``ctx.scheme`` of its first linear); a group's scales fold into its feeding module only where that
+    module is a norm or one of this method's own linears (never into a weight another method quantized).
+    """
 
     scheme: QuantScheme
     grid: int = 20
@@ -218,7 +254,7 @@ class AWQMethod:
     def float_inputs(self) -> bool:
         """The inner method's need (GPTQ with asymmetric calibration): the engine carries the float
         model's block inputs; the scales AWQ folds leave the float block's output unchanged."""
-        return bool(getattr(self.inner, "float_inputs", False))
+        return self.inner is not None and self.inner.float_inputs
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         prefix = f"{ctx.spec.blocks}.{ctx.index}"
@@ -231,12 +267,12 @@ class AWQMethod:
             self._apply(ctx, prefix, self.preset)
         if self.inner is not None:
             return self.inner.quantize_block(ctx)
-        return {n: quantize_rtn(lin.weight, self.scheme, scale_dtype=self.scale_dtype)
+        return {n: quantize_rtn(lin.weight, ctx.scheme(n, self.scheme), scale_dtype=self.scale_dtype)
                 for n, lin in ctx.linears.items()}
 
     def _apply(self, ctx: BlockContext, prefix: str, res: AWQResult) -> None:
         """The search's own order: per group, fold its scales, then clamp its linears."""
-        for g in ctx.spec.groups:
+        for g in _own_groups(ctx):
             s = res.scales.get(f"{prefix}.{g.prev}")
             if s is not None:
                 fold_scales(ctx.block, ctx.spec, g, s)
@@ -246,17 +282,20 @@ class AWQMethod:
                     apply_clip(ctx.linears[n].weight, m)
 
     def _search(self, ctx: BlockContext, prefix: str) -> None:
-        groups = [g for g in ctx.spec.groups if can_fold(ctx.block, g)]
-        firsts = {g.linears[0]: g for g in ctx.spec.groups}
+        own = _own_groups(ctx)
+        groups = [g for g in own if can_fold(ctx.block, g)
+                  and (g.prev not in ctx.spec.linears or g.prev in ctx.linears)]  # never fold into another's
+        firsts = {g.linears[0]: g for g in own}
         total = sum(int(x.numel() // x.shape[-1]) for x in ctx.inputs)
         stride = max(1, -(-total // self.max_tokens))
         parents = {parent_name(g.linears) for g in groups} if self.objective == "parent" else set()
         with ParentCalls(ctx, parents, self.max_tokens) as calls:
             obs = collect(ctx, lambda n, lin: SampleObserver(lin.in_features, stride), names=list(firsts),
                           keep_outputs=self.propagate == "float")
-        quant = fake_quant(self.scheme, self.scale_dtype)
-        gs = self.scheme.group_size
-        for g in ctx.spec.groups:
+        for g in own:
+            scheme = ctx.scheme(g.linears[0], self.scheme)
+            quant = fake_quant(scheme, self.scale_dtype)
+            gs = scheme.group_size
             o: Any = obs[g.linears[0]]
             x = o.sample().to(ctx.device)
             if g in groups:
@@ -282,3 +321,13 @@ class AWQMethod:
                 m = search_clip(lin.weight, xc, quant, gs)
                 apply_clip(lin.weight, m)
                 self.result.clips[f"{prefix}.{n}"] = m.cpu()
+
+
+def _own_groups(ctx: BlockContext) -> list[Any]:
+    """The architecture's groups of linears that are this method's in this block (all their linears)."""
+    own = [g for g in ctx.spec.groups if g.linears[0] in ctx.linears]
+    for g in own:
+        if any(n not in ctx.linears for n in g.linears):
+            raise SchemeError(f"{ctx.prefix}: {', '.join(g.linears)} share one input and one AWQ scale; give them "
+                              "one scheme and method")
+    return own

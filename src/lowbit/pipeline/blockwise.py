@@ -29,10 +29,10 @@ from functools import partial
 from typing import Any, Protocol
 
 import torch
-from rich.progress import Progress
 from torch import nn
 
 from lowbit.core.errors import LowbitError
+from lowbit.core.progress import progress as ticker
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks
 from lowbit.pipeline.capture import capture_inputs
@@ -73,6 +73,21 @@ class BlockContext:
     # the attention replayed from its output projection's saved inputs (lowbit.pipeline.replay), if the
     # architecture table names them; runs replay once a method saved them (``collect(save_attn=True)``)
     replay: AttnReplay | None = None
+    # the scheme of each of ``linears`` (per-layer overrides of a recipe); a method quantizes linear ``n``
+    # to ``schemes[n]`` (:meth:`scheme`), its own default scheme where the engine gave none
+    schemes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        """The block's full module name, e.g. ``model.layers.3``."""
+        return f"{self.spec.blocks}.{self.index}"
+
+    def scheme(self, name: str, default: Any = None) -> Any:
+        """The scheme linear ``name`` (within the block) is quantized to."""
+        got = self.schemes.get(name, default)
+        if got is None:
+            raise LowbitError(f"{self.prefix}.{name}: no scheme was assigned to this linear")
+        return got
 
     @torch.inference_mode()
     def run(self, keep_outputs: bool = False) -> None:
@@ -104,13 +119,60 @@ class BlockContext:
         return outs
 
 
-class BlockMethod(Protocol):
-    """A quantization method at block granularity."""
+class BlockMethod:
+    """A quantization method at block granularity: the engine's whole contract with a method.
 
-    needs_calibration: bool
+    A method is a (data)class deriving from this one; every attribute the engine reads is declared
+    here with its default, so a new method states what it needs by overriding fields, never by
+    growing attributes the engine would have to probe for.
+    """
 
-    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        """Quantize every linear of ``ctx.linears`` (names within the block)."""
+    #: the engine captures calibration inputs and passes each block's outputs on to the next
+    needs_calibration: bool = False
+    #: ``quantize_block`` leaves the dequantized weights in the block itself (the engine need not)
+    writes_back: bool = False
+    #: the method only collects statistics and returns no weights
+    collect_only: bool = False
+
+    @property
+    def float_inputs(self) -> bool:
+        """The engine also carries the float model's block inputs (``ctx.fp_inputs``) and the method
+        sets ``ctx.fp_outputs`` (asymmetric calibration)."""
+        return False
+
+    def prepare(self, device: torch.device) -> None:
+        """Called once before the calibration inputs are captured (e.g. compile kernels meanwhile)."""
+
+    def host_sets(self, spec: ArchSpec) -> int:
+        """Sets of per-sample activations the method keeps beside the engine's (for pinned prewarming)."""
+        return 0
+
+    def quantize_block(self, ctx: BlockContext) -> dict[str, Any]:
+        """Quantize every linear of ``ctx.linears`` (names within the block) to ``ctx.scheme(name)``."""
+        raise NotImplementedError
+
+
+#: which scheme a full linear name gets from a method, or None where it is not that method's
+Assign = Callable[[str], Any]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One method of a quantization plan and the linears it owns (``assign``: full name -> scheme or None)."""
+
+    method: BlockMethod
+    assign: Assign
+
+
+def _order(parts: list[Part]) -> list[Part]:
+    """Run order within a block: the method that needs the float model's inputs first (its float copies
+    are then truly float), then the calibrated ones, then those that need no data."""
+    floats = [p for p in parts if p.method.float_inputs]
+    if len(floats) > 1:
+        raise LowbitError("at most one method of a plan may use asymmetric calibration (float inputs); "
+                          "set asym_alpha 0 on the others")
+    return floats + [p for p in parts if p.method.needs_calibration and not p.method.float_inputs] + \
+        [p for p in parts if not p.method.needs_calibration]
 
 
 def collect(ctx: BlockContext, make: Callable[[str, nn.Linear], Observer],
@@ -137,7 +199,7 @@ def collect(ctx: BlockContext, make: Callable[[str, nn.Linear], Observer],
 
     handles = [ctx.linears[n].register_forward_pre_hook(hook(n, o)) for n, o in obs.items()]
     try:
-        with saving_attn(ctx, "quantized", save_attn):
+        with saving_attn(ctx.replay, ctx.inputs, ctx.device, "quantized", save_attn):
             ctx.run(keep_outputs=keep_outputs)
         ctx.outputs_ready = keep_outputs
     finally:
@@ -172,17 +234,16 @@ def _store(result: dict[str, QuantizedWeight], key: str, qw: QuantizedWeight) ->
     result[key] = qw.to("cpu")
 
 
-def _prewarm(model: nn.Module, method: BlockMethod, spec: ArchSpec, tokens: torch.Tensor | None) -> None:
+def _prewarm(model: nn.Module, parts: list[Part], spec: ArchSpec, tokens: torch.Tensor | None) -> None:
     """Pin, in the background, the host memory the offloaded activations will take beyond the
     captured inputs: sets of ``n`` samples ``(1, T, hidden)`` each: inputs and outputs of a block
-    (twice under asymmetric calibration), plus what the method keeps (``host_sets``: GPTQ's saved
+    (twice under asymmetric calibration), plus what the methods keep (``host_sets``: GPTQ's saved
     attention inputs), less the captured set."""
     d = getattr(getattr(model, "config", None), "hidden_size", None)
     if tokens is None or not isinstance(d, int):
         return
-    twice = 2 if getattr(method, "float_inputs", False) else 1
-    extra = getattr(method, "host_sets", None)
-    sets = 2 * twice + (extra(spec) if extra is not None else 0) - 1
+    twice = 2 if any(p.method.float_inputs for p in parts) else 1
+    sets = 2 * twice + sum(p.method.host_sets(spec) for p in parts) - 1
     prewarm_pinned((1, tokens.shape[1], d), next(model.parameters()).dtype, sets * tokens.shape[0])
 
 
@@ -196,45 +257,58 @@ def _warm_forward(block: nn.Module, sample: torch.Tensor, kwargs: dict[str, Any]
         block(sample.to(dev, non_blocking=True), **kwargs)
 
 
-def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | None = None,
+def as_parts(method: BlockMethod | Part | list[Part]) -> list[Part]:
+    """A plan's parts; a lone method owns every linear, at its own ``scheme`` (None for methods without one)."""
+    if isinstance(method, Part):
+        return [method]
+    if isinstance(method, list):
+        return method
+    scheme = getattr(method, "scheme", None)  # noqa: B009 -- methods without a scheme get none
+    return [Part(method, lambda name: scheme if scheme is not None else True)]
+
+
+def run_blockwise(model: nn.Module, method: BlockMethod | Part | list[Part], tokens: torch.Tensor | None = None,
                   device: str | torch.device = "cpu", progress: bool = True, offload_activations: bool = False,
-                  warm_forward: bool | None = None, fuse_norms: bool = True) -> dict[str, QuantizedWeight]:
+                  warm_forward: bool | None = None, fuse_norms: bool = True) -> dict[str, Any]:
     """Quantize every linear of every decoder block of ``model``; returns ``{full name: QuantizedWeight}``.
 
-    The model's linears are left holding the dequantized weights (a fake-quantized model);
-    the result lives on the CPU. ``warm_forward`` (default: on a GPU with calibration) runs block 0
-    once on its first sample before the method sees it (:func:`_warm_forward`); it changes no result.
-    ``fuse_norms`` runs a block's RMSNorms of the known classes (Llama and Gemma styles) as one Triton
-    kernel each while it is on a GPU (:mod:`lowbit.pipeline.fused_norm`; the eager arithmetic, to two ulp).
+    ``method`` is one block method owning every linear, or a plan: :class:`Part` s, each a method and
+    the linears it owns with their schemes (per-layer overrides; a linear no part owns stays 16-bit).
+    Within a block the parts run in :func:`_order`; with more than one, the block's outputs are
+    computed afresh once every part is done. The model's linears are left holding the dequantized
+    weights (a fake-quantized model); the result lives on the CPU. ``warm_forward`` (default: on a
+    GPU with calibration) runs block 0 once on its first sample before the methods see it
+    (:func:`_warm_forward`); it changes no result. ``fuse_norms`` runs a block's RMSNorms of the known
+    classes (Llama and Gemma styles) as one Triton kernel each while it is on a GPU
+    (:mod:`lowbit.pipeline.fused_norm`; the eager arithmetic, to two ulp).
     """
+    parts = _order(as_parts(method))
     spec = get_arch(model)
     dev = torch.device(device)
     blocks = get_blocks(model, spec)
     early = dev.type == "cpu"  # a CPU run checks every weight first; else each block, once on the device
     for i, block in enumerate(blocks if early else []):
         _check_finite(f"{spec.blocks}.{i}", block_linears(block, spec, i))
-    calibrated = method.needs_calibration
+    calibrated = any(p.method.needs_calibration for p in parts)
     if calibrated and (tokens is None or tokens.numel() == 0):
         raise LowbitError("this method needs calibration tokens; pass --calib (e.g. c4 or a text file)")
-    prepare = getattr(method, "prepare", None)
-    if prepare is not None:
-        prepare(dev)  # e.g. compile kernels in the background while the inputs are captured
+    for p in parts:
+        p.method.prepare(dev)  # e.g. compile kernels in the background while the inputs are captured
     offload_acts = offload_activations and dev.type != "cpu"
     if calibrated and offload_acts:
-        _prewarm(model, method, spec, tokens)
+        _prewarm(model, parts, spec, tokens)
     if calibrated:
         assert tokens is not None
         hidden, kwargs = capture_inputs(model, tokens, spec, dev, offload=offload_acts)
     else:
         hidden, kwargs = [], [{} for _ in blocks]
-    fp_hidden = hidden if calibrated and getattr(method, "float_inputs", False) else None
-    result: dict[str, QuantizedWeight] = {}
+    fp_hidden = hidden if calibrated and any(p.method.float_inputs for p in parts) else None
+    result: dict[str, Any] = {}
     warm = (dev.type == "cuda" if warm_forward is None else warm_forward) and calibrated and bool(hidden)
     copier = HostCopier(dev)
     norms = ExitStack()
     try:
-        with torch.no_grad(), Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task(f"quantizing {len(blocks)} blocks", total=len(blocks))
+        with torch.no_grad(), ticker(f"quantizing {len(blocks)} blocks", len(blocks), progress) as bar:
             staged = copier.submit(partial(stage, blocks[0])) if copier.cuda else None
             for i, block in enumerate(blocks):
                 homes = onload(block, dev, staged.result() if staged is not None else None)
@@ -247,31 +321,59 @@ def run_blockwise(model: nn.Module, method: BlockMethod, tokens: torch.Tensor | 
                 copies_done(dev)  # activations written to the host by the previous block have landed
                 if i == 0 and warm:
                     _warm_forward(block, hidden[0], kwargs[0], dev)
-                ctx = BlockContext(i, block, linears, spec, dev, hidden, kwargs[i], fp_inputs=fp_hidden,
-                                   replay=attn_replay(block, spec, i))
-                qws = method.quantize_block(ctx)
-                if fp_hidden is not None:
-                    if ctx.fp_outputs is None:
-                        raise LowbitError(f"block {i}: a method with float_inputs must set ctx.fp_outputs")
-                    fp_hidden = ctx.fp_outputs
-                missing = set(ctx.linears) - set(qws)
-                if missing and not getattr(method, "collect_only", False):
-                    raise LowbitError(f"block {i}: method returned no weight for {sorted(missing)}")
-                for n, qw in qws.items():
-                    lin = ctx.linears[n]
-                    if not getattr(method, "writes_back", False):
-                        _write_back(qw, lin)
-                    copier.submit(partial(_store, result, f"{spec.blocks}.{i}.{n}", qw))
-                if calibrated:
-                    if not ctx.outputs_ready:
-                        ctx.run(keep_outputs=True)
-                    hidden = ctx.outputs
+                hidden, fp_hidden = _quantize_block(parts, i, block, linears, spec, dev, hidden, kwargs[i],
+                                                    fp_hidden, result, copier, calibrated)
                 norms.close()
                 offload(block, homes, copier)
-                bar.advance(task)
+                bar.advance()
                 log.debug("block %d quantized", i)
         copier.wait()
     finally:
         norms.close()
         copier.close()
     return result
+
+
+def _quantize_block(parts: list[Part], i: int, block: nn.Module, linears: dict[str, nn.Linear], spec: ArchSpec,
+                    dev: torch.device, hidden: list[torch.Tensor], kwargs: dict[str, Any],
+                    fp_hidden: list[torch.Tensor] | None, result: dict[str, Any], copier: HostCopier,
+                    calibrated: bool) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Every part's linears of block ``i`` quantized (results queued into ``result``); returns the next
+    block's inputs (quantized model, and float model when carried)."""
+    prefix = f"{spec.blocks}.{i}"
+    owned = []
+    for p in parts:
+        schemes = {n: p.assign(f"{prefix}.{n}") for n in linears}
+        schemes = {n: s for n, s in schemes.items() if s is not None and s is not False}
+        owned.append((p, schemes))
+    fp_next: list[torch.Tensor] | None = None
+    if fp_hidden is not None and not any(sch for p, sch in owned if p.method.float_inputs):
+        # the float model's next inputs, before any part of this block changes a weight
+        fp_next = BlockContext(i, block, {}, spec, dev, hidden, kwargs).forward_all(fp_hidden)
+    active = [(p, sch) for p, sch in owned if sch]
+    last: BlockContext | None = None
+    for p, sch in active:
+        m = p.method
+        ctx = BlockContext(i, block, {n: lin for n, lin in linears.items() if n in sch}, spec, dev, hidden, kwargs,
+                           fp_inputs=fp_hidden if m.float_inputs else None, replay=attn_replay(block, spec, i),
+                           schemes={n: s for n, s in sch.items() if s is not True})
+        qws = m.quantize_block(ctx)
+        if m.float_inputs:
+            if ctx.fp_outputs is None:
+                raise LowbitError(f"block {i}: a method with float_inputs must set ctx.fp_outputs")
+            fp_next = ctx.fp_outputs
+        missing = set(ctx.linears) - set(qws)
+        if missing and not m.collect_only:
+            raise LowbitError(f"block {i}: method returned no weight for {sorted(missing)}")
+        for n, qw in qws.items():
+            if not m.writes_back:
+                _write_back(qw, ctx.linears[n])
+            copier.submit(partial(_store, result, f"{prefix}.{n}", qw))
+        last = ctx
+    if not calibrated:
+        return hidden, fp_next
+    if last is None or len(active) > 1:  # outputs after every part, with the real attention
+        last = BlockContext(i, block, linears, spec, dev, hidden, kwargs)
+    if not last.outputs_ready:
+        last.run(keep_outputs=True)
+    return last.outputs, fp_next

@@ -17,7 +17,7 @@ from lowbit.core.dtypes import DataTypeScheme
 from lowbit.methods.fp8 import quantize_fp8
 from lowbit.methods.llm_int8 import quantize_int8
 from lowbit.methods.nf4 import quantize_4bit
-from lowbit.pipeline.blockwise import BlockContext, collect
+from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect
 
 
 class AbsMaxObserver:
@@ -38,7 +38,7 @@ def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class DataTypeMethod:
+class DataTypeMethod(BlockMethod):
     """Quantize every linear of a block to ``scheme``'s number format.
 
     ``act_absmax`` keeps the LLM.int8 calibration statistics (``{full name: (in,)}``) and
@@ -50,9 +50,8 @@ class DataTypeMethod:
     act_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
     outlier_columns: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.scheme.dtype == "int8"
+    def __post_init__(self) -> None:
+        self.needs_calibration = self.scheme.dtype == "int8"  # LLM.int8's outlier columns need data
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, Any]:
         s = self.scheme

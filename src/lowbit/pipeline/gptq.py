@@ -24,7 +24,7 @@ from lowbit.core.scheme import QuantScheme
 from lowbit.methods.gptaq import cross_product
 from lowbit.methods.gptq import GPTQConfig, GPTQStats, HessianConsumed, gptq_quantize
 from lowbit.models.archs import ArchSpec
-from lowbit.pipeline.blockwise import BlockContext, collect
+from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect
 from lowbit.pipeline.distributed import broadcast_object, broadcast_qweight, sum_weighted, world
 from lowbit.pipeline.hessian import HessianObserver, Timeline, tick, tock
 from lowbit.pipeline.paired import collect_paired, float_weights
@@ -57,7 +57,10 @@ def _to_host(q: QuantizedWeight, shared: bool) -> QuantizedWeight:
 
 
 @dataclass
-class GPTQMethod:
+class GPTQMethod(BlockMethod):
+    """GPTQ per block (true-sequential by default); each group of linears sharing an input is solved
+    with one Hessian, to the scheme the engine assigned its linears (``ctx.scheme``; they must agree)."""
+
     scheme: QuantScheme
     config: GPTQConfig = field(default_factory=GPTQConfig)
     true_sequential: bool = True
@@ -78,7 +81,7 @@ class GPTQMethod:
         """Asymmetric calibration: the engine also carries the float model's block inputs."""
         return self.config.asym_alpha > 0
 
-    def plan(self, spec: ArchSpec) -> tuple[list[Stage], tuple[str, ...]]:
+    def plan(self, spec: ArchSpec, owned: set[str] | None = None) -> tuple[list[Stage], tuple[str, ...]]:
         """The runs of one block, in order, and the linears whose float weights must be copied.
 
         True-sequential: one stage per group (one stage for all without it). Under asymmetric
@@ -87,9 +90,12 @@ class GPTQMethod:
         so only the linears quantized *before* it need a float copy (the others are still float
         when it runs). ``asym_scope="skip-last"`` leaves out the last group (down_proj): no D
         ``(inter, inter)`` and no float run up to it, so its stage costs what plain GPTQ's does;
-        ``"residual"`` keeps only the norm-fed groups (q/k/v, gate/up).
+        ``"residual"`` keeps only the norm-fed groups (q/k/v, gate/up). ``owned``: the linears this method
+        quantizes in the block (default all; a group is the method's when its first linear is); the
+        scope still counts the block's groups, so ``skip-last`` leaves out down_proj whoever owns it.
         """
-        groups = [g.linears for g in spec.groups]
+        mine = [g for g in spec.groups if owned is None or g.linears[0] in owned]
+        groups = [g.linears for g in mine]
         stage_groups = [[g] for g in groups] if self.true_sequential else [groups]
         asym: set[str] = set()
         if self.float_inputs:
@@ -144,12 +150,15 @@ class GPTQMethod:
         if self._warm is not None:
             self._warm.join()
         hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
-        stages, copies = self.plan(ctx.spec)
+        stages, copies = self.plan(ctx.spec, set(ctx.linears))
+        schemes = self._group_schemes(ctx, stages)
         size = world()[1]
         solved = 0
         fw: dict[str, torch.Tensor] | None = None
         if self.float_inputs:  # float copies of the linears quantized before the last paired run
             assert ctx.fp_inputs is not None
+            if not any(st.float_outputs for st in stages):  # none of this block's groups is aimed: the
+                ctx.fp_outputs = ctx.forward_all(ctx.fp_inputs)  # float outputs now, before any change
             fw = float_weights(ctx, copies)
         top = self.config.search_guard if self.config.search else 0  # tokens kept for the search guard
         out: dict[str, QuantizedWeight] = {}
@@ -179,15 +188,29 @@ class GPTQMethod:
                 if self.timeline is not None:
                     self.timeline.mark(f"solve {'+'.join(n.split('.')[-1] for n in g)}")
                 # popped, not held here: _solve_group frees D before the solve and H after it
-                self._solve_group(ctx, g, cast(HessianObserver, obs.pop(g[0])), hdev, solved % size, out)
+                self._solve_group(ctx, g, schemes[g[0]], cast(HessianObserver, obs.pop(g[0])), hdev,
+                                  solved % size, out)
                 solved += 1
             del obs
         if self.timeline is not None:
             self.timeline.mark("output pass, moves (engine)")
         return out
 
-    def _solve_group(self, ctx: BlockContext, g: tuple[str, ...], o: HessianObserver, hdev: torch.device,
-                     owner: int, out: dict[str, QuantizedWeight]) -> None:
+    def _group_schemes(self, ctx: BlockContext, stages: list[Stage]) -> dict[str, QuantScheme]:
+        """The scheme of each group of ``stages`` (by first linear); a group's linears share one Hessian
+        and one solve, so they must all be this method's, with one scheme."""
+        out = {}
+        for st in stages:
+            for g in st.groups:
+                got = {n: ctx.schemes.get(n, self.scheme) if n in ctx.linears else None for n in g}
+                if len(set(got.values())) != 1 or None in got.values():
+                    raise SchemeError(f"{ctx.prefix}: {', '.join(g)} share one input and are solved together by "
+                                      f"GPTQ; give them one scheme and method (got {got})")
+                out[g[0]] = got[g[0]]
+        return out  # type: ignore[return-value]
+
+    def _solve_group(self, ctx: BlockContext, g: tuple[str, ...], scheme: QuantScheme, o: HessianObserver,
+                     hdev: torch.device, owner: int, out: dict[str, QuantizedWeight]) -> None:
         """GPTQ of group ``g`` from its observer ``o`` (on rank ``owner``, broadcast to the others); the
         dequantized weights written back, the results put in ``out`` (host tensors)."""
         rank, size = world()
@@ -209,13 +232,13 @@ class GPTQMethod:
             # H is still consumed and the owner's device holds one in x in buffer, as a single process does
             backup = _host_backup(H) if size > 1 and H.device == lins[0].weight.device else None
             if top_rows.shape[0]:
-                qw, st = self._guarded_solve(ctx, g, lins, H, top_rows, wd=WD, backup=backup)
+                qw, st = self._guarded_solve(ctx, g, scheme, lins, H, top_rows, wd=WD, backup=backup)
             else:
-                qw, st = self._solve(ctx, g, lins, H, wd=WD, backup=backup)
+                qw, st = self._solve(ctx, g, scheme, lins, H, wd=WD, backup=backup)
             del backup
         del H, WD
         dynamic = self.config.act_order and not self.config.static_groups
-        qw = broadcast_qweight(qw, owner, shape, self.scheme,  # type: ignore[arg-type]
+        qw = broadcast_qweight(qw, owner, shape, scheme,  # type: ignore[arg-type]
                                self.scale_dtype, hdev, dynamic)
         st = broadcast_object(st, owner)  # type: ignore[assignment]
         assert isinstance(st, GPTQStats) and st.row_loss is not None
@@ -236,7 +259,8 @@ class GPTQMethod:
             r0 = r1
         tock(self.timers, "write-back", t0, ctx.device)
 
-    def _guarded_solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor,
+    def _guarded_solve(self, ctx: BlockContext, g: tuple[str, ...], scheme: QuantScheme, lins: list[nn.Linear],
+                       H: torch.Tensor,
                        top: torch.Tensor, wd: torch.Tensor | None = None, backup: torch.Tensor | None = None
                        ) -> tuple[QuantizedWeight, GPTQStats]:
         """The clipping search kept only where it does not raise the worst error on the
@@ -250,9 +274,9 @@ class GPTQMethod:
         """
         name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
         plain = dataclasses.replace(self.config, search=False, search_guard=0, search_power=1.0)
-        q0, s0 = gptq_quantize(_stacked(lins), H, self.scheme, plain, scale_dtype=self.scale_dtype, name=name,
+        q0, s0 = gptq_quantize(_stacked(lins), H, scheme, plain, scale_dtype=self.scale_dtype, name=name,
                                timers=self.timers, consume_weight=True, wd=wd)
-        q1, s1 = self._solve(ctx, g, lins, H, wd=wd, backup=backup)
+        q1, s1 = self._solve(ctx, g, scheme, lins, H, wd=wd, backup=backup)
         W = _stacked(lins)
         x = top.to(device=W.device, dtype=torch.float32)
         worst = [float(((W - q.dequantize().to(W)) @ x.T).square().sum(0).max()) for q in (q0, q1)]
@@ -263,7 +287,8 @@ class GPTQMethod:
         st.searched = keep
         return q, st
 
-    def _solve(self, ctx: BlockContext, g: tuple[str, ...], lins: list[nn.Linear], H: torch.Tensor,
+    def _solve(self, ctx: BlockContext, g: tuple[str, ...], scheme: QuantScheme, lins: list[nn.Linear],
+               H: torch.Tensor,
                wd: torch.Tensor | None = None, backup: torch.Tensor | None = None
                ) -> tuple[QuantizedWeight, GPTQStats]:
         """GPTQ of the stacked rows of the linears ``lins`` of group ``g``; ``H`` is factorised in
@@ -276,7 +301,7 @@ class GPTQMethod:
         """
         name = f"{ctx.spec.blocks}.{ctx.index}.{'+'.join(g)}"
         try:
-            return gptq_quantize(_stacked(lins), H, self.scheme, self.config, scale_dtype=self.scale_dtype,
+            return gptq_quantize(_stacked(lins), H, scheme, self.config, scale_dtype=self.scale_dtype,
                                  name=name, timers=self.timers, consume_hessian=True, consume_weight=True,
                                  wd=wd)
         except HessianConsumed:
@@ -284,12 +309,12 @@ class GPTQMethod:
         del H
         if backup is not None:
             log.info("%s: retrying from the host copy of its Hessian with more damping", name)
-            return gptq_quantize(_stacked(lins), backup, self.scheme, self.config, scale_dtype=self.scale_dtype,
+            return gptq_quantize(_stacked(lins), backup, scheme, self.config, scale_dtype=self.scale_dtype,
                                  name=name, timers=self.timers, consume_weight=True, wd=wd)
         log.info("%s: collecting its Hessian again to retry with more damping", name)
         hdev = torch.device("cpu") if self.hessians_on_cpu else ctx.device
         obs = collect(ctx, lambda n, m: HessianObserver(m.in_features, hdev, self.timers), names=[g[0]])
-        return gptq_quantize(_stacked(lins), obs[g[0]].H, self.scheme, self.config,  # type: ignore[attr-defined]
+        return gptq_quantize(_stacked(lins), obs[g[0]].H, scheme, self.config,  # type: ignore[attr-defined]
                              scale_dtype=self.scale_dtype, name=name, timers=self.timers, consume_weight=True,
                              wd=wd)  # the same X~ as the paired run's, so D still pairs with it
 

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from lowbit.core.qweight import QuantizedWeight
-from lowbit.pipeline.blockwise import BlockContext, collect, run_blockwise
+from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect, run_blockwise
 from lowbit.pipeline.distributed import sum_weighted
-from lowbit.pipeline.quantize import SquareMeanObserver
+from lowbit.pipeline.rtn import SquareMeanObserver
 
 
 @dataclass
-class ImatrixCollector:
+class ImatrixCollector(BlockMethod):
     """Block method that only collects: ``sums[full name] (in,)`` float64, ``counts[full name]`` tokens."""
 
     needs_calibration: bool = True
@@ -31,7 +31,7 @@ class ImatrixCollector:
         obs = collect(ctx, lambda n, lin: SquareMeanObserver(lin.in_features), keep_outputs=True)
         for n, o in obs.items():
             mean, count = sum_weighted(o.sum / max(o.count, 1), o.count)  # type: ignore[attr-defined]
-            key = f"{ctx.spec.blocks}.{ctx.index}.{n}"
+            key = f"{ctx.prefix}.{n}"
             self.sums[key] = mean * count
             self.counts[key] = count
         return {}

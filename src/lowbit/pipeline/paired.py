@@ -78,8 +78,8 @@ def collect_paired(ctx: BlockContext, make: Callable[[str, nn.Linear], PairedObs
     zfs, zqs = (saved_inputs(ctx.replay, src, n, ctx.device) for src in ("float", "quantized"))
     try:
         with (torch.inference_mode(),  # the observers were made outside it: they stay updatable
-              saving_attn(ctx, "float", save_attn, active=lambda: float_pass[0]),
-              saving_attn(ctx, "quantized", save_attn, active=lambda: not float_pass[0]),
+              saving_attn(ctx.replay, ctx.inputs, ctx.device, "float", save_attn, active=lambda: float_pass[0]),
+              saving_attn(ctx.replay, ctx.inputs, ctx.device, "quantized", save_attn, active=lambda: not float_pass[0]),
               maybe_active(ctx.replay, "float", "quantized") as rp):
             for home, xq, xf, zfd, zqd in zip(ctx.fp_inputs, uploads(ctx.inputs, ctx.device),
                                               uploads(ctx.fp_inputs, ctx.device), zfs, zqs, strict=True):

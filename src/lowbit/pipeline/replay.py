@@ -22,16 +22,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from lowbit.models.archs import ArchSpec
 from lowbit.pipeline.transfer import to_home, uploads
-
-if TYPE_CHECKING:
-    from lowbit.pipeline.blockwise import BlockContext
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -132,17 +129,17 @@ def attn_replay(block: nn.Module, spec: ArchSpec, index: int) -> AttnReplay | No
 
 
 @contextmanager
-def saving_attn(ctx: BlockContext, src: str, on: bool = True, active: Callable[[], bool] | None = None
-                ) -> Iterator[None]:
+def saving_attn(rp: AttnReplay | None, inputs: list[torch.Tensor], device: torch.device, src: str, on: bool = True,
+                active: Callable[[], bool] | None = None) -> Iterator[None]:
     """Within: a pre-hook (first of all) keeps each input of the attention's output projection, where
-    the block inputs live (while ``active()``, if given); on a clean exit with one per sample they
-    become the saved ``z`` of source ``src`` (a no-op unless ``on`` and the block has a replay)."""
-    rp = ctx.replay
+    the block ``inputs`` live (``device`` when there are none; while ``active()``, if given); on a clean
+    exit with one per input they become the saved ``z`` of source ``src`` (a no-op unless ``on`` and
+    the block has a replay ``rp``)."""
     if not on or rp is None:
         yield
         return
     saved: list[torch.Tensor] = []
-    home = ctx.inputs[0].device if ctx.inputs else ctx.device
+    home = inputs[0].device if inputs else device
 
     def keep(m: nn.Module, args: tuple) -> None:
         if active is None or active():
@@ -153,5 +150,5 @@ def saving_attn(ctx: BlockContext, src: str, on: bool = True, active: Callable[[
         yield
     finally:
         h.remove()
-    if len(saved) == len(ctx.inputs):
+    if len(saved) == len(inputs):
         rp.saved[src] = saved

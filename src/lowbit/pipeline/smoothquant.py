@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ from lowbit.core.errors import SchemeError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods import smoothquant as sq
-from lowbit.pipeline.blockwise import BlockContext, collect
+from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect
 from lowbit.pipeline.datatypes import AbsMaxObserver
 from lowbit.pipeline.scaling import can_fold, fold_scales
 
@@ -44,8 +45,21 @@ def _all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """SmoothQuant's migration strength ``alpha`` in [0, 1] (``s = a^alpha / w^(1-alpha)``), for W8A8 schemes;
+    ``inner``: the int8 weights by RTN (None) or GPTQ (a ``GPTQConfig``, llm-compressor's common recipe)."""
+
+    alpha: float = 0.5
+    inner: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise SchemeError(f"SmoothQuant alpha must lie in [0, 1], got {self.alpha!r}")
+
+
 @dataclass
-class SmoothQuantMethod:
+class SmoothQuantMethod(BlockMethod):
     """SmoothQuant (``alpha``) + int8 per-channel weights for ``W8A8`` / ``W8A8_STATIC`` schemes.
 
     Results kept for reports and the artifact: ``smooth_scales {block.prev full name: (in,)}``
@@ -61,6 +75,11 @@ class SmoothQuantMethod:
     smooth_scales: dict[str, torch.Tensor] = field(default_factory=dict)
     input_scales: dict[str, float] = field(default_factory=dict)
     act_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
+    inner: BlockMethod | None = None  # quantizes the smoothed block's weights (None: RTN int8 per channel)
+
+    @property
+    def float_inputs(self) -> bool:  # type: ignore[override]
+        return self.inner is not None and self.inner.float_inputs
 
     def __post_init__(self) -> None:
         s = self.scheme
@@ -69,7 +88,8 @@ class SmoothQuantMethod:
                               f"got {s.label}: use --scheme W8A8 or W8A8_STATIC")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise SchemeError(f"SmoothQuant alpha must lie in [0, 1], got {self.alpha}")
-        self.needs_calibration = self.static or self.alpha is not None  # plain dynamic W8A8 needs no data
+        # plain dynamic W8A8 by RTN needs no data
+        self.needs_calibration = self.static or self.alpha is not None or self.inner is not None
 
     @property
     def static(self) -> bool:
@@ -77,6 +97,8 @@ class SmoothQuantMethod:
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         self.smooth(ctx)
+        if self.inner is not None:
+            return self.inner.quantize_block(ctx)
         return {n: sq.quantize_w8(lin.weight, self.scheme, self.scale_dtype) for n, lin in ctx.linears.items()}
 
     def smooth(self, ctx: BlockContext) -> None:

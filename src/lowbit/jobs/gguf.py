@@ -99,15 +99,14 @@ def gguf_names(model: Any, names: list[str]) -> dict[str, str]:
 def compute_imatrix(spec: str, out: str | Path, *, calib: str | None = None, samples: int = 128,
                     length: int = 512, seed: int = 0, device: str = "cpu", progress: bool = True) -> Imatrix:
     """llama.cpp-format importance matrix of ``spec`` on calibration text, written to ``out`` (GGUF)."""
-    from lowbit.data import calibration_tokens, resolve_calib_texts
-    from lowbit.jobs import default_calib
+    from lowbit.data import calibration_texts, calibration_tokens
     from lowbit.models.loader import load_model
     from lowbit.pipeline.imatrix import collect_imatrix
 
     t0 = time.perf_counter()
     lm = load_model(spec)
-    calib = calib or default_calib()
-    tokens = calibration_tokens(lm.tokenizer, resolve_calib_texts(calib), samples, length, seed=seed)
+    calib, texts, _ = calibration_texts(calib)
+    tokens = calibration_tokens(lm.tokenizer, texts, samples, length, seed=seed)
     col = collect_imatrix(lm.model, tokens, device=device, progress=progress)
     names = gguf_names(lm.model, list(col.sums))
     im = Imatrix(datasets=[calib], chunk_count=int(tokens.shape[0]), chunk_size=int(tokens.shape[1]))

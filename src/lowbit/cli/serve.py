@@ -1,17 +1,23 @@
-"""Command line for deployment: ``lowbit serve MODEL.gguf``, ``lowbit export ollama MODEL.gguf``."""
+"""``lowbit serve MODEL.gguf`` (OpenAI-compatible API) and ``lowbit export ollama MODEL.gguf``."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-Handler = Callable[[argparse.Namespace], None]
+from lowbit.cli.common import say, sub
+
+SERVE_EXAMPLES = """\
+  lowbit serve qwen-q4km.gguf                         # http://127.0.0.1:8000/v1 (OpenAI-compatible)
+  lowbit serve qwen-q4km.gguf --port 9000 --api-key secret"""
+EXPORT_EXAMPLES = """\
+  lowbit export ollama qwen-q4km.gguf && ollama create qwen-q4km -f Modelfile"""
 
 
-def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
-    """Add the deployment sub-commands to ``sub``; returns {command: handler}."""
-    s = sub.add_parser("serve", help="serve a .gguf file over an OpenAI-compatible API (llama-cpp-python)")
+def register(subs: Any) -> dict[str, Any]:
+    """Add the deployment sub-commands; returns {command: handler}."""
+    s = sub(subs, "serve", "serve a .gguf file over an OpenAI-compatible API (llama-cpp-python)", SERVE_EXAMPLES)
     s.add_argument("model", help="a .gguf file")
     s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
@@ -21,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Handler]:
                    help="override the GGUF's chat template with a llama-cpp-python format (chatml, llama-3, ...)")
     s.add_argument("--api-key", default=None, help="require this bearer token on every request")
 
-    x = sub.add_parser("export", help="write deployment files for a model (ollama: a Modelfile)")
+    x = sub(subs, "export", "write deployment files for a model (ollama: a Modelfile)", EXPORT_EXAMPLES)
     targets = x.add_subparsers(dest="target", required=True)
     o = targets.add_parser("ollama", help="write an Ollama Modelfile next to a .gguf file")
     o.add_argument("model", help="a .gguf file")
@@ -39,11 +45,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from lowbit.cli import console
     from lowbit.serve.ollama import export_ollama
 
     res = export_ollama(a.model, a.out, system=a.system, force=a.force)
-    console.print(f"wrote {res.path}: template {res.family or 'left out'}, "
-                  f"system prompt {'set' if res.system else 'none'}, stops {', '.join(res.stops) or 'none'}")
-    console.print(f"note: {res.note}")
-    console.print(f"next: ollama create NAME -f {res.path}")
+    say(f"wrote {res.path}: template {res.family or 'left out'}, system prompt {'set' if res.system else 'none'}, "
+        f"stops {', '.join(res.stops) or 'none'}")
+    say(f"note: {res.note}")
+    say(f"next: ollama create NAME -f {res.path}")
