@@ -103,6 +103,8 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for f in tmp.iterdir():  # some writers (safetensors) create files 0600
+        public_mode(f, folder=f.is_dir())
     fsync_tree(tmp)  # the files' bytes are on disk before the rename makes the folder visible
     old = None
     if target.exists():
