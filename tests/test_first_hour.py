@@ -94,23 +94,18 @@ def test_eval_checks_come_first(tmp_path: Path, tiny: Path, capsys: pytest.Captu
     _fails(["eval", str(tiny), "--data", "c4"], capsys, "C4 is calibration data")
 
 
-def test_messages_keep_their_brackets(tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture) -> None:
+def test_messages_keep_their_brackets(tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from lowbit.core.errors import LowbitError
-    from lowbit.jobs import quantization
 
     def fail(*a, **k):  # type: ignore[no-untyped-def]
         raise LowbitError("install it: pip install 'lowbit[llamacpp]'")
 
-    quantization.__dict__  # the module is imported
     import lowbit.cli.quantize as cq
 
-    orig = cq.recipe_from_args
-    try:
-        cq.recipe_from_args = fail  # type: ignore[assignment]
-        err = _fails(["quantize", str(tiny), "--scheme", "W4A16", "-o", str(tmp_path / "o")], capsys, "lowbit[")
-        assert "pip install 'lowbit[llamacpp]'" in err
-    finally:
-        cq.recipe_from_args = orig  # type: ignore[assignment]
+    monkeypatch.setattr(cq, "recipe_from_args", fail)
+    err = _fails(["quantize", str(tiny), "--scheme", "W4A16", "-o", str(tmp_path / "o")], capsys, "lowbit[")
+    assert "pip install 'lowbit[llamacpp]'" in err
 
 
 def test_global_options_before_or_after_the_command(tmp_path: Path, tiny: Path) -> None:
