@@ -19,8 +19,8 @@ from rich.logging import RichHandler  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 from lowbit import __version__  # noqa: E402
+from lowbit.cli import compare, gguf, models, quantize, serve  # noqa: E402
 from lowbit.cli import eval as eval_cmd  # noqa: E402
-from lowbit.cli import gguf, models, quantize, run, serve  # noqa: E402
 from lowbit.cli.common import HelpFormatter, add_common, err_console  # noqa: E402
 from lowbit.core.errors import LowbitError  # noqa: E402
 
@@ -41,7 +41,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     add_common(p, suppress=False)
     subs = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Handler] = {}
-    for mod in (run, quantize, eval_cmd, models, gguf, serve):
+    for mod in (compare, quantize, eval_cmd, models, gguf, serve):
         handlers.update(mod.register(subs))
     return p, handlers
 
