@@ -11,21 +11,28 @@ pytestmark = pytest.mark.slow
 
 
 def test_lowbit_run_writes_a_report(tmp_path):
+    """``lowbit run`` (= compare on SmolLM2 with the default menu), shrunk: one short window, a small calibration."""
     out = tmp_path / "run"
     rc = main(["--no-progress", "run", "-o", str(out), "--windows", "1", "--ctx", "512", "--calib-samples", "4",
-               "--calib-len", "256"])
+               "--calib-len", "256", "--new-tokens", "8", "--reps", "1"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
-    assert (out / "report.md").read_text().startswith("# lowbit report: smollm2-135m")
+    assert (out / "report.md").read_text().startswith("# lowbit compare: smollm2-135m")
     rows = {r["name"]: r for r in rep["rows"]}
-    assert set(rows) == {"reference", "W8A16-rtn", "W4A16-rtn", "W4A16-imatrix-rtn"}
-    assert rep["eval"]["protocol"] == "gptq" and rep["eval"]["tokens_scored"] == 511
+    from lowbit.compare import DEFAULT_MENU
+
+    assert set(rows) == set(DEFAULT_MENU)
+    assert rep["eval"]["protocol"] == "gptq" and rep["eval"]["tokens"] == 511
     ref = rows["reference"]["ppl"]
     assert 1 < ref < 100
-    assert abs(rows["W8A16-rtn"]["ppl"] / ref - 1) < 0.05 and rows["W8A16-rtn"]["kld"] < 0.02
-    assert rows["W4A16-rtn"]["kld"] > rows["W8A16-rtn"]["kld"]
-    assert 4.2 < rows["W4A16-rtn"]["bits_per_weight"] < 4.3  # group 64 (576 is not a multiple of 128)
-    assert rows["W4A16-rtn"]["size_bytes"] < 0.5 * rows["reference"]["size_bytes"]
+    assert abs(rows["W8A16"]["ppl"] / ref - 1) < 0.05 and rows["W8A16"]["kld"] < 0.02
+    assert rows["gguf:Q8_0"]["kld"] < 0.02 and rows["gguf:Q8_0"]["engine"].startswith("llama.cpp")
+    for name in ("W4A16:gptq", "W4A16:awq", "W4A16:imatrix-rtn", "NF4", "gguf:Q4_K_M"):
+        assert rows[name]["kld"] > rows["W8A16"]["kld"], name  # 4 bits lose more than 8
+        assert rows[name]["size_bytes"] < rows["W8A16"]["size_bytes"] < rows["reference"]["size_bytes"], name
+        assert rows[name]["decode_tokens_per_s"] > 0 and rows[name]["peak_memory_bytes"] > 0
+    assert rows["W4A16:gptq"]["recipe"]["scheme"]["group_size"] == 64  # 576 is not a multiple of 128
+    assert rep["recommendation"]["name"] in rows and (out / "report.html").is_file()
 
 
 def test_transformers_loads_real_artifact_and_agrees(tmp_path):
