@@ -223,16 +223,11 @@ class AWQMethod(BlockMethod):
     scheme: QuantScheme
     grid: int = 20
     duo_scaling: bool | str = True  # True, False, or "both" (score both grids)
-    clip: bool = False  # AutoAWQ-style clipping search: helped Gemma-3 W3, hurt Qwen2.5 W3 and W4
+    clip: bool = False  # AutoAWQ-style clipping search after the scales (docs/decisions.md: off by default)
     objective: str = "parent"  # "parent": error of the module holding the group; "linear": the linears' own
-    # tokens the scale search scores (whole calibration inputs; rows for "linear"). 16384 (32 x 512):
-    # on Qwen2.5-Coder-0.5B W3 it took Δppl from +23.87 (2048 tokens) to +19.32, below llm-compressor's
-    # +22.48 (which scores all), at ~7x the search time on a CPU (bench/results/awq/*_w16_t16384.json)
-    max_tokens: int = 16384
-    # what the block passes on: "quantized" (its outputs after quantization, as llm-compressor's
-    # sequential pipeline) or "float" (its float outputs, from the statistics run: AutoAWQ's choice,
-    # so every block's statistics come from the float model; one block run fewer). "float" measured
-    # worse on Qwen2.5-Coder-0.5B W3 (Δppl +24.26 vs +23.87, bench/results/awq/*_w16_float.json)
+    max_tokens: int = 16384  # tokens the scale search scores (whole calibration inputs; rows for "linear")
+    # what a block passes on: its quantized outputs (llm-compressor's sequential pipeline) or "float" ones
+    # from the statistics run (AutoAWQ's choice: one block run fewer)
     propagate: str = "quantized"
     clip_tokens: int = 512  # of which the clipping search uses this many (AutoAWQ's n_sample_token)
     scale_dtype: torch.dtype = torch.bfloat16
