@@ -33,12 +33,13 @@ from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods.awq import Loss, apply_clip, fake_quant, linear_loss, search_clip, search_scales
 from lowbit.methods.rtn import quantize_rtn
+from lowbit.models.archs import require_mapping
 from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect
 from lowbit.pipeline.scaling import can_fold, fold_scales
 
 log = logging.getLogger(__name__)
 
-SKIP_CLIP = ("q_proj", "k_proj")
+SKIP_CLIP = ("q_proj", "k_proj", "qkv_proj")  # their outputs meet in a softmax (qkv_proj: fused, Phi-3)
 
 
 class SampleObserver:
@@ -252,6 +253,7 @@ class AWQMethod(BlockMethod):
         return self.inner is not None and self.inner.float_inputs
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        require_mapping(ctx.spec, "AWQ")
         prefix = f"{ctx.spec.blocks}.{ctx.index}"
         if self.preset is None:
             self._search(ctx, prefix)
@@ -283,7 +285,7 @@ class AWQMethod(BlockMethod):
         firsts = {g.linears[0]: g for g in own}
         total = sum(int(x.numel() // x.shape[-1]) for x in ctx.inputs)
         stride = max(1, -(-total // self.max_tokens))
-        parents = {parent_name(g.linears) for g in groups} if self.objective == "parent" else set()
+        parents = {g.inspect or parent_name(g.linears) for g in groups} if self.objective == "parent" else set()
         with ParentCalls(ctx, parents, self.max_tokens) as calls:
             obs = collect(ctx, lambda n, lin: SampleObserver(lin.in_features, stride), names=list(firsts),
                           keep_outputs=self.propagate == "float")
@@ -296,7 +298,7 @@ class AWQMethod(BlockMethod):
             if g in groups:
                 lins = [ctx.linears[n] for n in g.linears]
                 ws = [lin.weight for lin in lins]
-                loss = (calls.loss(parent_name(g.linears), lins) if self.objective == "parent"
+                loss = (calls.loss(g.inspect or parent_name(g.linears), lins) if self.objective == "parent"
                         else linear_loss(x, ws))
                 s, alpha, ratio = search_scales(o.mean().to(ctx.device), ws, quant, gs, loss, self.grid,
                                                 self.duo_scaling)

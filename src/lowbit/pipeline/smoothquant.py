@@ -31,6 +31,7 @@ from lowbit.core.errors import SchemeError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods import smoothquant as sq
+from lowbit.models.archs import require_mapping
 from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect
 from lowbit.pipeline.datatypes import AbsMaxObserver
 from lowbit.pipeline.scaling import can_fold, fold_scales
@@ -106,6 +107,8 @@ class SmoothQuantMethod(BlockMethod):
 
         Leaves the block computing the same float function (its weights smoothed, not quantized).
         """
+        if self.alpha is not None:
+            require_mapping(ctx.spec, "SmoothQuant")
         prefix = f"{ctx.spec.blocks}.{ctx.index}"
         groups = [g for g in ctx.spec.groups if self.static or (self.alpha is not None and can_fold(ctx.block, g))]
         if not groups:  # dynamic W8A8 without smoothing: nothing to measure
