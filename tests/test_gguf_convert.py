@@ -55,7 +55,7 @@ def test_f32_file_computes_what_transformers_computes(tmp_path: Path, arch: str)
     ref = _hf_logits(folder, ids)
     assert np.abs(ours - ref).max() < 1e-3 * max(1.0, np.abs(ref).max()), arch
     r = gguf.GGUFReader(out)
-    expected = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}[arch]
+    expected = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3", "qwen3": "qwen3"}[arch]
     assert r.fields["general.architecture"].contents() == expected
 
 

@@ -10,8 +10,9 @@
   tensors they see, so no storage is reused within the probe and sharing memory means sharing values.
   Groups are ordered by the first call of their first linear (execution order); a linear that does not
   run in that forward (a branch the probe did not take) is an error, never a silently float layer.
-* **prev**: the innermost module of block 0 whose output is that same tensor (a norm, typically), or
-  ``""`` (the block's input, or a value computed inline such as ``act(gate) * up``). It is shown to the
+* **prev**: the innermost module of block 0 with weights of its own whose output is that same tensor (a
+  norm, typically), or ``""`` (the block's input, a value computed inline such as ``act(gate) * up``, or
+  the output of a weightless module such as an activation). It is shown to the
   user, never folded into: a module whose output feeds the group may also feed something that is not a
   linear (a residual taken after the norm), which a folded scale would change. So a derived table has
   every group ``foldable=False``, and AWQ / SmoothQuant ask for a real table entry.
@@ -104,6 +105,9 @@ def probe_block(model: nn.Module, block: nn.Module, name: str
                 producers.setdefault(_key(t), mod_name)  # hooks fire innermost first
         return hook
 
+    def weighted(m: nn.Module) -> bool:  # a norm or a linear: a module a scale could live in (not act, dropout)
+        return next(m.parameters(recurse=False), None) is not None
+
     def stop(m: nn.Module, args: tuple, out: Any) -> None:
         raise _StopProbe
 
@@ -116,7 +120,7 @@ def probe_block(model: nn.Module, block: nn.Module, name: str
     for n, m in block.named_modules():
         if isinstance(m, nn.Linear):
             handles.append(m.register_forward_pre_hook(on_input(n)))
-        if n:
+        if n and weighted(m):
             handles.append(m.register_forward_hook(on_output(n)))
     handles.append(block.register_forward_hook(stop))
     try:
