@@ -77,6 +77,20 @@ def test_generic_table_is_derived_once_and_logged(tmp_path, arch, caplog):
     assert len(logs) == 1 and spec.blocks in logs[0] and spec.groups[0].linears[0] in logs[0]
 
 
+@pytest.mark.parametrize("where, message", [("all", "did not run in a forward"),
+                                            ("one", "blocks at 'model.layers' differ")])
+def test_fallback_refuses_what_it_cannot_place(tmp_path, where, message):
+    """A linear no forward reaches (every block) or blocks that differ (one block): an error naming the
+    architecture, the linears and the table entry to add, never a layer silently left in float."""
+    model = _model(tmp_path, "olmo2")
+    blocks = model.model.layers
+    for b in blocks if where == "all" else blocks[1:]:
+        b.extra = torch.nn.Linear(64, 64)
+    with pytest.raises(UnsupportedArchitectureError, match=message) as e:
+        get_arch(model)
+    assert "Olmo2ForCausalLM" in str(e.value) and "extra" in str(e.value) and "Add an ArchSpec" in str(e.value)
+
+
 def test_generic_gptq_equals_table_gptq_bit_for_bit(tmp_path):
     """A Llama renamed to an unknown architecture goes through the fallback: its derived groups are the
     table's, so GPTQ (true-sequential, asymmetric calibration on) gives the same codes, bit for bit,

@@ -128,6 +128,8 @@ def probe_block(model: nn.Module, block: nn.Module, name: str
             model(input_ids=ids, use_cache=False)
     except _StopProbe:
         pass
+    except Exception as e:  # noqa: BLE001 -- any failure of the probe is the same user-facing fact
+        raise _cannot(name, f"its probe forward failed ({type(e).__name__}: {e})") from e
     else:
         raise _cannot(name, "a forward of the model never finished its first decoder block")
     finally:
