@@ -150,8 +150,10 @@ def derive_spec(model: nn.Module, name: str) -> ArchSpec:
     for i, b in enumerate(blocks):
         other = [n for n, m in b.named_modules() if isinstance(m, nn.Linear)]
         if other != names:
-            raise _cannot(name, f"its decoder blocks at {path!r} differ (block {i} has linears {other[:6]}, block 0 "
-                                f"{names[:6]}), and the fallback derives one table for all")
+            more, less = [n for n in other if n not in names], [n for n in names if n not in other]
+            raise _cannot(name, f"its decoder blocks at {path!r} differ (block {i} has linears {more[:6]} that block 0 "
+                                f"lacks and lacks {less[:6]}, or orders them otherwise), and the fallback derives one "
+                                "table for all")
     order, calls, producers = probe_block(model, blocks[0], name)
     idle = [n for n in names if n not in calls]
     if idle:
