@@ -56,6 +56,19 @@ def test_derived_groups_equal_every_table(tmp_path, arch):
             assert d.prev == t.prev
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
+def test_derived_groups_equal_the_tables_of_real_models(name):
+    """The fallback's observation on the real offline models finds their tables' groups and norms."""
+    from lowbit.models.loader import load_model
+
+    model = load_model(name).model
+    table = get_arch(model)
+    derived = derive_spec(model, table.name)
+    assert (derived.blocks, [g.linears for g in derived.groups]) == (table.blocks, [g.linears for g in table.groups])
+    assert [g.prev for g in derived.groups if g.prev] == [g.prev for g in table.groups if g.prev not in table.linears]
+
+
 @pytest.mark.parametrize("arch", GENERIC)
 def test_generic_table_is_derived_once_and_logged(tmp_path, arch, caplog):
     model = _model(tmp_path, arch)

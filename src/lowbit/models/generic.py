@@ -171,5 +171,5 @@ def derive_spec(model: nn.Module, name: str) -> ArchSpec:
 
 
 def describe(spec: ArchSpec) -> str:
-    """The groups of ``spec`` as ``[q, k, v] <- norm; [o]; ...`` (the feeding module where one was seen)."""
-    return "; ".join(f"[{', '.join(g.linears)}]" + (f" <- {g.prev}" if g.prev else "") for g in spec.groups)
+    """The groups of ``spec`` as ``(q, k, v) <- norm; (o); ...`` (the feeding module where one was seen)."""
+    return "; ".join(f"({', '.join(g.linears)})" + (f" <- {g.prev}" if g.prev else "") for g in spec.groups)
