@@ -161,6 +161,13 @@ def test_cli_quantizes_a_model_no_table_names(tmp_path, capsys):
     assert "8 linears" in capsys.readouterr().out
     m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert torch.isfinite(_logits(m, _ids())).all()
+    # AWQ needs a mapping: refused when the recipe meets the model, before calibration; nothing written
+    bad = tmp_path / "awq"
+    assert main(["--no-progress", "quantize", str(folder), "--scheme", "W4A16", "--group-size", "32", "--method",
+                 "awq", "--calib", str(corpus), "--calib-samples", "4", "--calib-len", "16", "-o", str(bad)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "AWQ needs a scale mapping for GPTNeoXForCausalLM" in err and "(attention.query_key_value)" in err
+    assert not bad.exists()
 
 
 @pytest.mark.parametrize("scheme", ["NF4", "FP8", "INT8-LLM"])
@@ -168,16 +175,18 @@ def test_data_types_quantize_every_linear_of_a_derived_table(tmp_path, scheme):
     """The data-type schemes run through the same engine: on GPT-NeoX every block linear comes back from
     the artifact as a quantized runtime module, and the logits stay near the float model's (NF4 is the
     coarsest: 16 levels, relative error measured 0.13)."""
-    from lowbit.core.dtypes import get_dt_scheme
+    from lowbit.core.presets import lookup_scheme
     from lowbit.jobs import load_artifact, quantize
+    from lowbit.pipeline.engine import Engine
+    from lowbit.recipe import Calibration, Recipe
 
     folder = make_tiny_model_dir(tmp_path / "neox", "gpt_neox")
     ids = _ids()
     ref = _logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), ids)
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(60)))
-    art = quantize(str(folder), get_dt_scheme(scheme), tmp_path / "q", progress=False, calib=str(corpus),
-                   calib_samples=4, calib_len=16).path
+    recipe = Recipe(lookup_scheme(scheme), calibration=Calibration(str(corpus), 4, 16))
+    art = quantize(str(folder), recipe, tmp_path / "q", engine=Engine(progress=False)).path
     model = load_artifact(art)
     lins = [n for n, m in model.named_modules() if n.startswith("gpt_neox.layers.") and hasattr(m, "in_features")]
     assert len(lins) == 8 and not any(type(model.get_submodule(n)) is torch.nn.Linear for n in lins)

@@ -267,9 +267,12 @@ def test_qwen3_lowbit_artifact_to_gguf_keeps_codes(tmp_path: Path) -> None:
     test_lowbit_artifact_to_gguf_keeps_codes)."""
     from lowbit.core.scheme import get_scheme
     from lowbit.jobs import load_artifact, quantize
+    from lowbit.pipeline.engine import Engine
+    from lowbit.recipe import Recipe
 
     folder = make_tiny_model_dir(tmp_path / "hf", "qwen3")
-    art = quantize(str(folder), get_scheme("W4A16", group_size=32), tmp_path / "art", progress=False).path
+    art = quantize(str(folder), Recipe(get_scheme("W4A16", group_size=32)), tmp_path / "art",
+                   engine=Engine(progress=False)).path
     rep = write_gguf(art, tmp_path / "m.gguf", "auto")
     linears = [n for n in rep.types if n.startswith("blk.") and "norm" not in n]
     assert len(linears) == 14 and sorted(rep.carried) == sorted(linears) and not rep.requantized

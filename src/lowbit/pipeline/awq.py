@@ -33,7 +33,6 @@ from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods.awq import Loss, apply_clip, fake_quant, linear_loss, search_clip, search_scales
 from lowbit.methods.rtn import quantize_rtn
-from lowbit.models.archs import require_mapping
 from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect
 from lowbit.pipeline.scaling import can_fold, fold_scales
 
@@ -247,13 +246,16 @@ class AWQMethod(BlockMethod):
                               "quantized model's inputs; use propagate='quantized' for awq+gptq")
 
     @property
+    def folds_scales(self) -> str | None:
+        return "AWQ"
+
+    @property
     def float_inputs(self) -> bool:
         """The inner method's need (GPTQ with asymmetric calibration): the engine carries the float
         model's block inputs; the scales AWQ folds leave the float block's output unchanged."""
         return self.inner is not None and self.inner.float_inputs
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
-        require_mapping(ctx.spec, "AWQ")
         prefix = f"{ctx.spec.blocks}.{ctx.index}"
         if self.preset is None:
             self._search(ctx, prefix)

@@ -31,7 +31,6 @@ from lowbit.core.errors import SchemeError
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods import smoothquant as sq
-from lowbit.models.archs import require_mapping
 from lowbit.pipeline.blockwise import BlockContext, BlockMethod, collect
 from lowbit.pipeline.datatypes import AbsMaxObserver
 from lowbit.pipeline.scaling import can_fold, fold_scales
@@ -79,6 +78,10 @@ class SmoothQuantMethod(BlockMethod):
     inner: BlockMethod | None = None  # quantizes the smoothed block's weights (None: RTN int8 per channel)
 
     @property
+    def folds_scales(self) -> str | None:
+        return "SmoothQuant" if self.alpha is not None else None  # plain W8A8 folds nothing
+
+    @property
     def float_inputs(self) -> bool:  # type: ignore[override]
         return self.inner is not None and self.inner.float_inputs
 
@@ -107,8 +110,6 @@ class SmoothQuantMethod(BlockMethod):
 
         Leaves the block computing the same float function (its weights smoothed, not quantized).
         """
-        if self.alpha is not None:
-            require_mapping(ctx.spec, "SmoothQuant")
         prefix = f"{ctx.spec.blocks}.{ctx.index}"
         groups = [g for g in ctx.spec.groups if self.static or (self.alpha is not None and can_fold(ctx.block, g))]
         if not groups:  # dynamic W8A8 without smoothing: nothing to measure
