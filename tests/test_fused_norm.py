@@ -60,10 +60,11 @@ def test_kernel_is_the_eager_arithmetic_to_two_ulp():
     assert r.stdout.startswith("OK"), r.stdout
 
 
-@pytest.mark.parametrize("arch, expect", [("llama", 2), ("qwen2", 2), ("gemma3", 6)])
+@pytest.mark.parametrize("arch, expect", [("llama", 2), ("qwen2", 2), ("gemma3", 6), ("qwen3", 4), ("phi3", 2)])
 def test_fused_norms_attach_per_block_and_leave_no_trace(tmp_path, monkeypatch, arch, expect):
     """Forced on here (on the CPU the fused forward falls back to eager for CPU tensors): the known
-    norm classes get the override (Gemma 3: four around the sublayers, q_norm and k_norm), hooks
+    norm classes get the override (Gemma 3: four around the sublayers, q_norm and k_norm; Qwen3: two
+    and q_norm / k_norm, which normalise each head of ``(1, T, heads, head_dim)``), hooks
     still fire, outputs are unchanged, and nothing remains on the modules afterwards."""
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path, arch), dtype=torch.float32).eval()
     block = model.model.layers[0]

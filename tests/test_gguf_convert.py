@@ -55,7 +55,7 @@ def test_f32_file_computes_what_transformers_computes(tmp_path: Path, arch: str)
     ref = _hf_logits(folder, ids)
     assert np.abs(ours - ref).max() < 1e-3 * max(1.0, np.abs(ref).max()), arch
     r = gguf.GGUFReader(out)
-    expected = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}[arch]
+    expected = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3", "qwen3": "qwen3"}[arch]
     assert r.fields["general.architecture"].contents() == expected
 
 
@@ -208,6 +208,81 @@ def test_lowbit_artifact_to_gguf_keeps_codes(tmp_path: Path, preset: str, gs: in
     # same weights, but llama.cpp's CPU kernels round activations to 8 bits (q8_0) for these types
     tol = 1e-2 if gs == 32 else 0.2
     assert np.abs(ours - ref).max() < tol * max(1.0, np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def qwen3_model(tmp_path_factory) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    """A tiny Qwen3 with k-quant-sized rows and, as in the real models, a head_dim (128) apart from
+    hidden / heads (64): q_proj is 512 x 256, o_proj 256 x 512; its F32 GGUF."""
+    d = tmp_path_factory.mktemp("qwen3")
+    folder = make_tiny_model_dir(d / "hf", "qwen3", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=128)
+    return folder, write_gguf(folder, d / "f32.gguf", "F32").path
+
+
+def test_qwen3_metadata_and_q_k_norms(qwen3_model: tuple[Path, Path]) -> None:
+    """llama.cpp's qwen3 keys: key/value length from head_dim (not hidden / heads), the per-head q/k norms
+    as attn_q_norm / attn_k_norm (head_dim each, F32), no q/k permutation (checked by the F32 logits test)."""
+    _, f32 = qwen3_model
+    r = gguf.GGUFReader(f32)
+    assert r.fields["general.architecture"].contents() == "qwen3"
+    assert r.fields["qwen3.attention.key_length"].contents() == 128
+    assert r.fields["qwen3.attention.value_length"].contents() == 128
+    t = {x.name: x for x in r.tensors}
+    for i in range(2):
+        for n in ("attn_q_norm", "attn_k_norm"):
+            w = t[f"blk.{i}.{n}.weight"]
+            assert tuple(w.shape) == (128,) and w.tensor_type.name == "F32"
+    assert tuple(t["blk.0.attn_q.weight"].shape) == (256, 512)  # GGUF shapes are (cols, rows)
+
+
+@pytest.mark.parametrize("ftype", ["Q8_0", "Q6_K", "Q4_K_M"])
+def test_qwen3_quantized_file_is_llamas_and_tracks_the_float_model(tmp_path: Path, qwen3_model: tuple[Path, Path],
+                                                                   ftype: str) -> None:
+    """Qwen3 at a quantized file type: every tensor's type and bytes are those llama.cpp's own quantizer
+    writes from our F32 file, and llama.cpp runs it with logits near transformers' float ones. The bound
+    is per type from the numerics: a weight of a b-bit block type is off by up to half a step of its
+    block's range (1/254 of the block's absmax for Q8_0, about 4x that per bit less), and llama.cpp also
+    rounds activations to 8 bits; over 14 untrained linears the relative logit error measured 0.019
+    (Q8_0), 0.053 (Q6_K), 0.17 (Q4_K_M), so 2.5x those bounds it with room while a misread layout (errors
+    of order 1) cannot pass."""
+    folder, f32 = qwen3_model
+    ours = write_gguf(folder, tmp_path / "ours.gguf", ftype)
+    _llama_quantize(f32, tmp_path / "ref.gguf", ftype)
+    a, b = _tensors(ours.path), _tensors(tmp_path / "ref.gguf")
+    assert list(a) == list(b) and {n: t for n, (t, _) in a.items()} == {n: t for n, (t, _) in b.items()}
+    assert [n for n in a if a[n][1] != b[n][1]] == []
+    ids = [1, 5, 17, 42, 99, 7, 250, 3, 77, 120, 201, 9]
+    llm = _llama(ours.path, n_ctx=64, logits_all=True)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    ref = _hf_logits(folder, ids)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < {"Q8_0": 0.05, "Q6_K": 0.13, "Q4_K_M": 0.42}[ftype], rel
+
+
+def test_qwen3_lowbit_artifact_to_gguf_keeps_codes(tmp_path: Path) -> None:
+    """A lowbit W4A16 g32 Qwen3 artifact exports to Q4_0 with its codes carried over; llama.cpp computes what
+    lowbit's loader computes from the artifact (1e-2: llama.cpp rounds activations to 8 bits, as in
+    test_lowbit_artifact_to_gguf_keeps_codes)."""
+    from lowbit.core.scheme import get_scheme
+    from lowbit.jobs import load_artifact, quantize
+    from lowbit.pipeline.engine import Engine
+    from lowbit.recipe import Recipe
+
+    folder = make_tiny_model_dir(tmp_path / "hf", "qwen3")
+    art = quantize(str(folder), Recipe(get_scheme("W4A16", group_size=32)), tmp_path / "art",
+                   engine=Engine(progress=False)).path
+    rep = write_gguf(art, tmp_path / "m.gguf", "auto")
+    linears = [n for n in rep.types if n.startswith("blk.") and "norm" not in n]
+    assert len(linears) == 14 and sorted(rep.carried) == sorted(linears) and not rep.requantized
+    ids = [1, 5, 17, 42, 99, 7, 250, 3]
+    llm = _llama(rep.path, n_ctx=32, logits_all=True)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)])
+    with torch.no_grad():
+        ref = load_artifact(art)(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - ref).max() < 1e-2 * max(1.0, np.abs(ref).max())
 
 
 def test_cli_refuses_truncated_or_corrupt_gguf_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

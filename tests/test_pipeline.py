@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model_dir
+from conftest import ALL_ARCHS, make_tiny_model_dir
 from lowbit.core.errors import LowbitError, SchemeError, UnsupportedArchitectureError
 from lowbit.core.scheme import QuantScheme
 from lowbit.methods.rtn import quantize_rtn
-from lowbit.models.archs import get_arch
+from lowbit.models.archs import get_arch, get_blocks
 from lowbit.pipeline.blockwise import capture_inputs, run_blockwise
 from lowbit.pipeline.quantize import quantize_model
 from lowbit.pipeline.rtn import ImatrixRTNMethod
@@ -23,22 +23,24 @@ def _tokens(n=4, t=24, seed=0):
     return torch.randint(3, 300, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "mistral"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_capture_matches_a_full_forward(tmp_path, arch):
-    """Captured block-0 inputs and per-block kwargs reproduce the model's own hidden states."""
+    """Captured block-0 inputs and per-block kwargs reproduce the model's own hidden states (olmo2 and
+    gpt_neox through the generic fallback's table)."""
     model = _model(tmp_path, arch)
     spec = get_arch(model)
+    blocks = get_blocks(model, spec)
     tokens = _tokens()
     hidden, kwargs = capture_inputs(model, tokens, spec, torch.device("cpu"))
-    assert len(hidden) == tokens.shape[0] and len(kwargs) == len(model.model.layers)
+    assert len(hidden) == tokens.shape[0] and len(kwargs) == len(blocks)
     with torch.inference_mode():
         ref = model(tokens[1:2], output_hidden_states=True, use_cache=False).hidden_states
         x = hidden[1]
         assert torch.allclose(x, ref[0], atol=1e-6)
-        for i, block in enumerate(model.model.layers):
+        for i, block in enumerate(blocks):
             y = block(x, **kwargs[i])
             x = y[0] if isinstance(y, tuple) else y
-            if i < len(model.model.layers) - 1:  # the last hidden state is after the final norm
+            if i < len(blocks) - 1:  # the last hidden state is after the final norm
                 assert torch.allclose(x, ref[i + 1], atol=1e-5), f"block {i}"
 
 

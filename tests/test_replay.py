@@ -35,7 +35,7 @@ def _spy(monkeypatch) -> list[tuple[str, bool]]:
     return seen
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3", "phi3"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_gptq_with_replay_gives_the_same_codes(tmp_path, monkeypatch, arch, alpha):
     """Same codes and scales, bit for bit, with the attention replayed in every run after o_proj's stage:

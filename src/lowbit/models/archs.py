@@ -1,5 +1,6 @@
 """Architecture tables, as data: where the decoder blocks are, which linears each block has,
-in which order they run, and which module feeds each group of linears.
+in which order they run, and which module feeds each group of linears (types and folding rules in
+:mod:`lowbit.models.archspec`).
 
 One entry per architecture name (``config.architectures[0]``), never one subclass per model.
 The groups are in execution order (what GPTQ's true-sequential mode follows); ``prev`` is the
@@ -8,42 +9,24 @@ and SmoothQuant fold scales into. ``norm_offset`` is 1 where the norm computes `
 (Gemma), so a scale ``s`` folds as ``w' = (1 + w) / s - 1``. ``tokenwise`` names the modules of a
 block that act on each token alone (the MLP): AWQ scores them on rows drawn from every
 calibration sequence instead of on whole sequences.
+
+A model no table names gets a table derived by observation (:mod:`lowbit.models.generic`), cached per
+model: enough for RTN, imatrix-RTN and GPTQ; AWQ and SmoothQuant call :func:`require_mapping` and
+refuse it with the entry to write.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
 
 from torch import nn
 
 from lowbit.core.errors import UnsupportedArchitectureError
+from lowbit.models.archspec import ArchSpec, LinearGroup
+from lowbit.models.generic import derive_spec, describe
 
-
-@dataclass(frozen=True)
-class LinearGroup:
-    """Linears that share one input, and the module producing that input."""
-
-    prev: str
-    linears: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    name: str
-    blocks: str
-    groups: tuple[LinearGroup, ...]
-    norm_offset: float = 0.0
-    ignore: tuple[str, ...] = ("lm_head",)
-    tokenwise: tuple[str, ...] = ("mlp",)
-    # (attention module, its output projection) where the module returns ``(proj(z), ...)`` for the
-    # projection's input z: the engine may replay the attention from saved z (lowbit.pipeline.replay)
-    attn_out: tuple[str, str] | None = None
-
-    @property
-    def linears(self) -> tuple[str, ...]:
-        """Every quantizable linear of a block, in execution order."""
-        return tuple(name for g in self.groups for name in g.linears)
-
+__all__ = ["ARCHS", "ArchSpec", "LinearGroup", "arch_name", "block_linears", "get_arch", "get_blocks",
+           "require_mapping"]
 
 _ATTN = LinearGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
 _O = LinearGroup("self_attn.v_proj", ("self_attn.o_proj",))
@@ -63,7 +46,24 @@ ARCHS: dict[str, ArchSpec] = {
         (_ATTN, _O, LinearGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _DOWN),
         norm_offset=1.0, attn_out=_ATTN_OUT,
     ),
+    # Qwen3: Llama's linears; q_norm / k_norm (RMSNorm over each head) act on q_proj / k_proj's outputs
+    # inside the attention, after the linears, so neither the groups nor a scale folded into
+    # input_layernorm (which leaves q_proj's output unchanged) see them
+    "Qwen3ForCausalLM": ArchSpec("Qwen3ForCausalLM", "model.layers", _LLAMA_LIKE, attn_out=_ATTN_OUT),
+    # Phi-3: fused qkv_proj (q, k, v rows stacked, sizes set by the head counts) and gate_up_proj
+    # (gate rows, then up rows, split by chunk(2)). o_proj reads the v part of qkv_proj, whose rows
+    # the table cannot name: not foldable. down_proj reads up * act(gate): part 1 of 2 of gate_up_proj.
+    # AWQ scores the fused linears by the attention's and the MLP's outputs, as AutoAWQ does.
+    "Phi3ForCausalLM": ArchSpec(
+        "Phi3ForCausalLM", "model.layers",
+        (LinearGroup("input_layernorm", ("self_attn.qkv_proj",), inspect="self_attn"),
+         LinearGroup("self_attn.qkv_proj", ("self_attn.o_proj",), foldable=False),
+         LinearGroup("post_attention_layernorm", ("mlp.gate_up_proj",), inspect="mlp"),
+         LinearGroup("mlp.gate_up_proj", ("mlp.down_proj",), prev_part=(1, 2))),
+        attn_out=_ATTN_OUT,
+    ),
 }
+_DERIVED: weakref.WeakKeyDictionary[nn.Module, ArchSpec] = weakref.WeakKeyDictionary()
 
 
 def arch_name(model: nn.Module) -> str:
@@ -73,17 +73,29 @@ def arch_name(model: nn.Module) -> str:
 
 
 def get_arch(model: nn.Module) -> ArchSpec:
-    """The table entry of ``model``; an unknown architecture is an error naming the missing entry."""
+    """The table entry of ``model``; for an architecture no entry names, a table derived from the model
+    (:func:`lowbit.models.generic.derive_spec`, once per model object: later calls return the same one)."""
     name = arch_name(model)
     spec = ARCHS.get(name) or ARCHS.get(type(model).__name__)
+    if spec is not None:
+        return spec
+    spec = _DERIVED.get(model)
     if spec is None:
-        mt = getattr(getattr(model, "config", None), "model_type", "?")
-        raise UnsupportedArchitectureError(
-            f"no architecture table entry for {name!r} (model_type {mt!r}): lowbit.models.archs.ARCHS "
-            f"has {', '.join(sorted(ARCHS))}. Add an ArchSpec for {name!r} (blocks path, linear groups "
-            "in execution order, the module feeding each group) to support it."
-        )
+        spec = _DERIVED[model] = derive_spec(model, name)
     return spec
+
+
+def require_mapping(spec: ArchSpec, method: str) -> None:
+    """Refuse ``method`` (a scale-folding method: AWQ, SmoothQuant) on a derived table, naming what to add."""
+    if not spec.derived:
+        return
+    raise UnsupportedArchitectureError(
+        f"{method} needs a scale mapping for {spec.name} (the module feeding each group of linears, to fold "
+        f"scales into), and no architecture table names it; lowbit derived only the groups: {describe(spec)}. "
+        f"Add ArchSpec({spec.name!r}, {spec.blocks!r}, groups=(LinearGroup(prev, linears), ...)) to "
+        "lowbit.models.archs.ARCHS (prev: the norm or linear whose output is the group's input; "
+        "foldable=False where none is), or quantize with --method rtn, imatrix-rtn or gptq."
+    )
 
 
 def get_blocks(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:

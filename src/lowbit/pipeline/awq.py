@@ -38,7 +38,7 @@ from lowbit.pipeline.scaling import can_fold, fold_scales
 
 log = logging.getLogger(__name__)
 
-SKIP_CLIP = ("q_proj", "k_proj")
+SKIP_CLIP = ("q_proj", "k_proj", "qkv_proj")  # their outputs meet in a softmax (qkv_proj: fused, Phi-3)
 
 
 class SampleObserver:
@@ -246,6 +246,10 @@ class AWQMethod(BlockMethod):
                               "quantized model's inputs; use propagate='quantized' for awq+gptq")
 
     @property
+    def folds_scales(self) -> str | None:
+        return "AWQ"
+
+    @property
     def float_inputs(self) -> bool:
         """The inner method's need (GPTQ with asymmetric calibration): the engine carries the float
         model's block inputs; the scales AWQ folds leave the float block's output unchanged."""
@@ -283,7 +287,7 @@ class AWQMethod(BlockMethod):
         firsts = {g.linears[0]: g for g in own}
         total = sum(int(x.numel() // x.shape[-1]) for x in ctx.inputs)
         stride = max(1, -(-total // self.max_tokens))
-        parents = {parent_name(g.linears) for g in groups} if self.objective == "parent" else set()
+        parents = {g.inspect or parent_name(g.linears) for g in groups} if self.objective == "parent" else set()
         with ParentCalls(ctx, parents, self.max_tokens) as calls:
             obs = collect(ctx, lambda n, lin: SampleObserver(lin.in_features, stride), names=list(firsts),
                           keep_outputs=self.propagate == "float")
@@ -296,7 +300,7 @@ class AWQMethod(BlockMethod):
             if g in groups:
                 lins = [ctx.linears[n] for n in g.linears]
                 ws = [lin.weight for lin in lins]
-                loss = (calls.loss(parent_name(g.linears), lins) if self.objective == "parent"
+                loss = (calls.loss(g.inspect or parent_name(g.linears), lins) if self.objective == "parent"
                         else linear_loss(x, ws))
                 s, alpha, ratio = search_scales(o.mean().to(ctx.device), ws, quant, gs, loss, self.grid,
                                                 self.duo_scaling)

@@ -34,7 +34,7 @@ from torch import nn
 from lowbit.core.errors import LowbitError
 from lowbit.core.progress import progress as ticker
 from lowbit.core.qweight import QuantizedWeight
-from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks
+from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks, require_mapping
 from lowbit.pipeline.capture import capture_inputs
 from lowbit.pipeline.fused_norm import fused_norms
 from lowbit.pipeline.replay import AttnReplay, attn_replay, maybe_active, saved_inputs, saving_attn
@@ -139,6 +139,13 @@ class BlockMethod:
         """The engine also carries the float model's block inputs (``ctx.fp_inputs``) and the method
         sets ``ctx.fp_outputs`` (asymmetric calibration)."""
         return False
+
+    @property
+    def folds_scales(self) -> str | None:
+        """The method's name if it folds per-channel scales into the module feeding each group of
+        linears (AWQ, SmoothQuant): it needs an architecture table's mapping, which a table derived by
+        the generic fallback lacks (:func:`check_mappings`, before any work); None otherwise."""
+        return None
 
     def prepare(self, device: torch.device) -> None:
         """Called once before the calibration inputs are captured (e.g. compile kernels meanwhile)."""
@@ -257,6 +264,13 @@ def _warm_forward(block: nn.Module, sample: torch.Tensor, kwargs: dict[str, Any]
         block(sample.to(dev, non_blocking=True), **kwargs)
 
 
+def check_mappings(parts: list[Part], spec: ArchSpec) -> None:
+    """Refuse, before any work, a scale-folding method on a table without a mapping (a derived one)."""
+    for p in parts:
+        if p.method.folds_scales:
+            require_mapping(spec, p.method.folds_scales)
+
+
 def as_parts(method: BlockMethod | Part | list[Part]) -> list[Part]:
     """A plan's parts; a lone method owns every linear, at its own ``scheme`` (None for methods without one)."""
     if isinstance(method, Part):
@@ -284,6 +298,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod | Part | list[Part], tok
     """
     parts = _order(as_parts(method))
     spec = get_arch(model)
+    check_mappings(parts, spec)
     dev = torch.device(device)
     blocks = get_blocks(model, spec)
     early = dev.type == "cpu"  # a CPU run checks every weight first; else each block, once on the device

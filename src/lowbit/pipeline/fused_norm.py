@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
 NORM_STYLES: dict[str, tuple[str, bool]] = {
     "LlamaRMSNorm": ("variance_epsilon", False), "Qwen2RMSNorm": ("variance_epsilon", False),
     "MistralRMSNorm": ("variance_epsilon", False), "Qwen3RMSNorm": ("variance_epsilon", False),
+    "Phi3RMSNorm": ("variance_epsilon", False),
     "Gemma3RMSNorm": ("eps", True),
 }
 

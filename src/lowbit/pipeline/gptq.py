@@ -102,7 +102,7 @@ class GPTQMethod(BlockMethod):
             scope = self.config.asym_scope
             asym = {g.linears[0] for i, g in enumerate(spec.groups)
                     if scope == "all" or (scope == "skip-last" and i < len(spec.groups) - 1)
-                    or (scope == "residual" and g.prev not in spec.linears)}
+                    or (scope == "residual" and g.prev != "" and g.prev not in spec.linears)}
             if not asym:
                 raise SchemeError(f"{spec.name}: asymmetric calibration with scope {scope!r} leaves no group of "
                                   "linears to aim at the float output; use scope 'all'")

@@ -78,6 +78,10 @@ class SmoothQuantMethod(BlockMethod):
     inner: BlockMethod | None = None  # quantizes the smoothed block's weights (None: RTN int8 per channel)
 
     @property
+    def folds_scales(self) -> str | None:
+        return "SmoothQuant" if self.alpha is not None else None  # plain W8A8 folds nothing
+
+    @property
     def float_inputs(self) -> bool:  # type: ignore[override]
         return self.inner is not None and self.inner.float_inputs
 

@@ -9,7 +9,8 @@ Checks made here, before any calibration work (each error names the layer and th
   method, as GPTQ and AWQ solve them together and vLLM fuses them;
 - one artifact holds one kind of scheme (integer grids, W8A8, or one number format), besides 16-bit layers;
 - one config per method (two different GPTQ configs cannot share a run);
-- every group size divides its linear's input dimension, and each method can produce its scheme.
+- every group size divides its linear's input dimension, and each method can produce its scheme;
+- a method that folds scales (AWQ, SmoothQuant) has the architecture table's mapping (not a derived table).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lowbit.core.errors import RecipeError, SchemeError
 from lowbit.core.presets import Scheme
 from lowbit.core.scheme import QuantScheme
 from lowbit.models.archs import ArchSpec, get_arch
-from lowbit.pipeline.blockwise import Part
+from lowbit.pipeline.blockwise import Part, check_mappings
 from lowbit.pipeline.engine import Engine
 from lowbit.pipeline.quantize import named_linears
 from lowbit.pipeline.registry import build_method, entry_for, scheme_kind
@@ -160,6 +161,7 @@ def make_plan(recipe: Recipe, model: nn.Module, scale_dtype: torch.dtype = torch
         method = build_method(cfg, next(iter(owned.values())), scale_dtype, engine)
         methods[cfg] = method
         parts.append(Part(method, owned.get))
+    check_mappings(parts, spec)
     return Plan(choices, parts, methods)
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face causal LM folder -> GGUF tensors and metadata, for the Llama, Mistral, Qwen2 and Gemma3 families.
+"""Hugging Face causal LM folder -> GGUF tensors and metadata, for the Llama, Mistral, Qwen2, Qwen3 and Gemma3 families.
 
 What llama.cpp's ``convert_hf_to_gguf.py`` does for these families, written as data:
 
@@ -7,6 +7,9 @@ What llama.cpp's ``convert_hf_to_gguf.py`` does for these families, written as d
 * Llama/Mistral: ``q_proj``/``k_proj`` rows permuted from Hugging Face's rotate-half RoPE layout to
   llama.cpp's interleaved one: ``W.reshape(h, 2, d/2, n).swapaxes(1, 2).reshape(h*d, n)`` (h = heads of
   that projection, d = head dim);
+* Qwen3: Qwen2's layout (no permutation) plus the per-head RMSNorms of q and k, ``attn_q_norm`` / ``attn_k_norm``
+  (``head_dim`` weights each; Qwen3's ``head_dim`` is set apart from ``hidden_size / heads``, so the key and
+  value lengths are written);
 * Gemma3: RMSNorm computes ``x * (1 + w)``, llama.cpp ``x * w``: norm weights get ``+1`` (in float32, so the
   stored weight is exactly what transformers multiplies by);
 * Llama 3 RoPE scaling: the ``rope_freqs`` factors tensor;
@@ -56,6 +59,7 @@ ARCHS: dict[str, ArchSpec] = {
     "LlamaForCausalLM": ArchSpec(A.LLAMA, permute_qk=True),
     "MistralForCausalLM": ArchSpec(A.LLAMA, permute_qk=True),
     "Qwen2ForCausalLM": ArchSpec(A.QWEN2),
+    "Qwen3ForCausalLM": ArchSpec(A.QWEN3),
     "Gemma3ForCausalLM": ArchSpec(A.GEMMA3, norm_shift=1.0),
 }
 
