@@ -63,7 +63,7 @@ def test_gptq_asymmetric_calibration_options_reach_the_recipe(tmp_path, tiny, co
     (["--scheme", "W5A5"], "unknown scheme"),
     (["--scheme", "W4A16", "--group-size", "48"], "does not divide"),
     (["--scheme", "W4A16", "--group-size", "32", "--method", "imatrix-rtn", "--calib", "EMPTY"],
-     "calibration text is empty"),
+     "holds no documents"),
     (["--scheme", "W4A16", "--group-size", "32", "--method", "gptq", "--mse-guard", "8"], "turn it on"),
 ])
 def test_bad_options_exit_2_and_write_nothing(tmp_path, tiny, capsys, args, message):
