@@ -164,7 +164,12 @@ def quantize_loaded(lm: LoadedModel, recipe: Recipe, out: str | Path, *, engine:
     seconds = time.perf_counter() - t0
     reports, save_opts = method_reports(plan, engine)
     rank, size = world()
-    extra: dict[str, Any] = {"methods": reports, **({"calibration": cal_info} if cal_info else {})}
+    spec = get_arch(lm.model)
+    arch: dict[str, Any] = {"name": spec.name, "derived": spec.derived}
+    if arch["derived"]:  # a table the fallback derived: record it, so a rerun can be checked against it
+        arch["groups"] = [{"prev": g.prev, "linears": list(g.linears)} for g in spec.groups]
+    extra: dict[str, Any] = {"methods": reports, "architecture": arch,
+                             **({"calibration": cal_info} if cal_info else {})}
     if size > 1:
         extra["world_size"] = size
     rec = record(source_name(source or lm.name, Path(lm.path)), checksum.result(), seconds, device, extra)
