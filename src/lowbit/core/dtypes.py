@@ -88,6 +88,9 @@ class DataTypeScheme:
         g = "per-channel" if self.block_size is None else f"block {self.block_size}x{self.block_size}"
         return f"FP8 E4M3 {g} {'W8A8 dynamic' if self.activations else 'weight-only'}"
 
+    def check_input(self, in_features: int) -> None:
+        """Every input dimension takes a data type (blocks run over the flattened weight, or per channel)."""
+
     def bits_per_weight(self, in_features: int, out_features: int = 1) -> float:
         """Storage bits per weight, scales included (LLM.int8 outlier columns not counted)."""
         if self.dtype in ("nf4", "fp4"):

@@ -103,6 +103,10 @@ class QuantScheme:
             )
         return in_features // self.group_size
 
+    def check_input(self, in_features: int) -> None:
+        """Raise :class:`SchemeError` unless a linear with ``in_features`` inputs can take this scheme."""
+        self.n_groups(in_features)
+
     def bits_per_weight(self, in_features: int, scale_bits: int = 16) -> float:
         """Storage bits per weight: codes plus one scale (and zero point when asymmetric) per group."""
         group = in_features if self.group_size is None else self.group_size

@@ -21,7 +21,6 @@ from torch import nn
 from lowbit.core.errors import LowbitError
 from lowbit.core.io import check_output_dir
 from lowbit.core.qweight import QuantizedWeight
-from lowbit.core.scheme import QuantScheme
 from lowbit.data import calibration_texts, calibration_tokens
 from lowbit.formats.hf_folder import RECIPE_FILE
 from lowbit.formats.registry import SaveRequest, format_for
@@ -106,13 +105,13 @@ def check_inputs(recipe: Recipe, out: str | Path, engine: Engine, force: bool, m
     if needs_calibration(recipe):  # also builds each method for its schemes: an incompatible pair is refused
         resolve_calibration(recipe)
     cfg = peek_config(model) if isinstance(model, (str, Path)) else None
-    if cfg and isinstance(recipe.scheme, QuantScheme) and recipe.scheme.group_size and not recipe.overrides:
+    if cfg and not recipe.overrides:
         heads = int(cfg.get("num_attention_heads") or 0)
         dims = {cfg.get("hidden_size"), cfg.get("intermediate_size"),
                 heads * int(cfg.get("head_dim") or (cfg.get("hidden_size") or 0) // max(heads, 1))}
         for d in sorted(x for x in dims if isinstance(x, int) and x > 0):
             try:
-                recipe.scheme.n_groups(d)
+                recipe.scheme.check_input(d)
             except LowbitError as e:
                 raise LowbitError(f"{model}: a linear has input dimension {d}: {e}") from None
     return device

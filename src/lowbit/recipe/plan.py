@@ -25,7 +25,6 @@ from torch import nn
 
 from lowbit.core.errors import RecipeError, SchemeError
 from lowbit.core.presets import Scheme
-from lowbit.core.scheme import QuantScheme
 from lowbit.models.archs import ArchSpec, get_arch
 from lowbit.pipeline.blockwise import Part, check_mappings
 from lowbit.pipeline.engine import Engine
@@ -133,9 +132,9 @@ def check_kinds(choices: dict[str, Choice | None]) -> None:
 
 def check_sizes(choices: dict[str, Choice | None], linears: dict[str, nn.Linear]) -> None:
     for n, c in choices.items():
-        if c is not None and isinstance(c.scheme, QuantScheme):
+        if c is not None:
             try:
-                c.scheme.n_groups(linears[n].in_features)
+                c.scheme.check_input(linears[n].in_features)
             except SchemeError as e:
                 raise SchemeError(f"{n}: {e}") from None
 
