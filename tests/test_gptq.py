@@ -55,8 +55,7 @@ def test_hessian_row_panels_give_the_full_symmetric_product(rows):
     assert torch.equal(panel.D, full.D)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused bf16 path runs on CUDA only (run on an H200 "
-                    "with the device tool); the panels themselves are covered on the CPU above")
+@pytest.mark.gpu  # the fused bf16 path runs on CUDA only (bench/gpu_tests.py); the panels are covered on the CPU above
 def test_fused_hessian_panels_on_cuda():
     """A 4096-wide input on the fused path is summed in 2048-row panels: symmetric, as close to the
     full product as its fp32 sums allow (bit-identical on an H200 in bench/hessian_panels.py), and
@@ -167,9 +166,7 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
     assert all(torch.isfinite(lin.weight).all() for lin in model.modules() if isinstance(lin, torch.nn.Linear))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the device-to-host copies of the results run on CUDA only (checked on an "
-    "H200 with the device tool)"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # device-to-host copies
 def test_group_results_own_their_host_storage(tmp_path, device):
     """q/k/v (and gate/up) are solved stacked; each linear's result must be a tensor of its own
     (safetensors refuses shared storage), on the host (on CUDA: copied from the device) and equal
