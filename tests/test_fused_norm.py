@@ -50,6 +50,7 @@ print("OK")
 """
 
 
+@pytest.mark.kernel
 def test_kernel_is_the_eager_arithmetic_to_two_ulp():
     pytest.importorskip("triton", reason="needs the triton package (in the dev extra on x86-64 Linux)")
     env = dict(os.environ)
