@@ -27,7 +27,8 @@ from lowbit.data import (
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 WIKI = SHARED / "wikitext-2-raw" / "wiki.test.raw"
-has_wiki = pytest.mark.skipif(not WIKI.is_file(), reason="shared WikiText-2 file absent: put the data folder at ../shared/data beside the checkout")
+ABSENT = "absent: put the data folder at ../shared/data beside the checkout (strict mode fails here)"
+has_wiki = pytest.mark.skipif(not WIKI.is_file(), reason=f"shared WikiText-2 {ABSENT}")
 
 
 def tiny_tokenizer():
@@ -145,7 +146,7 @@ def test_c4_and_text_files(tmp_path, monkeypatch):
     assert resolve_calib_texts("c4") == ["gamma"]
 
 
-@pytest.mark.skipif(not (SHARED / "c4" / "c4_validation_2k.jsonl").is_file(), reason="shared C4 absent: put the data folder at ../shared/data beside the checkout")
+@pytest.mark.skipif(not (SHARED / "c4" / "c4_validation_2k.jsonl").is_file(), reason=f"shared C4 {ABSENT}")
 def test_c4_shared(monkeypatch):
     monkeypatch.delenv("LOWBIT_DATA", raising=False)
     assert len(c4_texts()) == 2000

@@ -63,7 +63,7 @@ from gptqmodel.quantization.gptq import GPTQ
 from lowbit.methods.gptq import _inverse_cholesky_
 
 logging.disable(logging.WARNING)
-inp, out, cases = sys.argv[1], sys.argv[2], sys.argv[3:]
+inp, out, DAMP, cases = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4:]
 t = load_file(inp)
 W, H = t["W"], t["H"]
 diag = H.diagonal()
@@ -79,7 +79,7 @@ for spec in cases:
     lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
     lin.weight.data.copy_(W)
     cfg = QuantizeConfig(bits=int(bits), group_size=int(gs), sym=sym == "1", desc_act=act == "1",
-                         static_groups=static == "1", act_group_aware=False, damp_percent=%(damp)r,
+                         static_groups=static == "1", act_group_aware=False, damp_percent=DAMP,
                          damp_auto_increment=0.0, offload_to_disk=False)
     g = GPTQ(lin, cfg)
     g.quantizer.configure(perchannel=True)
@@ -100,7 +100,7 @@ for spec in cases:
     res[key + ".g_idx"] = g_idx.to(torch.int32).contiguous()
 save_file(res, out)
 print("OK")
-""" % {"damp": DAMP}
+"""
 
 
 def _layer(out=48, inp=256, n=2048, seed=0):
@@ -126,7 +126,7 @@ def reference(tmp_path_factory):
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", REF, str(tmp / "in.safetensors"), str(tmp / "out.safetensors"),
-                        *specs], capture_output=True, text=True, env=env, timeout=600)
+                        str(DAMP), *specs], capture_output=True, text=True, env=env, timeout=600)
     if r.returncode != 0 and "No module named 'gptqmodel'" in r.stderr:
         pytest.skip("GPTQModel is not installed: pip install --no-deps gptqmodel==7.7.0 (see README, Tests)")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -187,7 +187,6 @@ def test_own_factors_differ_only_after_a_near_tie(reference, case):
     delta = float((U_ours - U_theirs).abs().max() / U_theirs.abs().max())
     assert delta < 1e-5, delta
     _, bits, gs, sym, act, static, _ = case
-    cols = w.shape[1]
     diag = H.diagonal()
     perm = torch.argsort(torch.where(diag == 0, torch.ones_like(diag), diag), descending=True) if act else None
     for row in torch.nonzero(diff.any(1)).flatten().tolist():
