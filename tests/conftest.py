@@ -180,3 +180,22 @@ def pytest_make_collect_report(collector):  # type: ignore[no-untyped-def]
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rep.outcome = "failed"
         rep.longrepr = f"strict mode (LOWBIT_STRICT_TESTS=1) refuses skipping {collector.nodeid} whole: {reason}"
+
+
+def eval_windows(tokenizer_dir: str | Path, text: str, ctx: int, n: int):  # type: ignore[no-untyped-def]
+    """The ``gptq`` protocol's first ``n`` windows ``(n, ctx)``: the text tokenized once, cut in ``ctx`` runs."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tokenizer_dir)(text, return_tensors="pt")["input_ids"][0]
+    return ids[: n * ctx].reshape(n, ctx)
+
+
+def kld_top1(reference, model, windows) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Mean KL(P_ref || P_model) and top-1 agreement over every predicting position (0 .. ctx-2) of
+    ``windows``, in float64 from each model's logits: the eval's numbers, computed independently."""
+    import torch
+
+    with torch.inference_mode():
+        lp = torch.log_softmax(reference(windows).logits[:, :-1].double(), -1)
+        lq = torch.log_softmax(model(windows).logits[:, :-1].double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean()), float((lp.argmax(-1) == lq.argmax(-1)).double().mean())
