@@ -58,8 +58,16 @@ def importance(n: int, seed: int) -> np.ndarray:
     return im
 
 
-def test_reference_library_loads() -> None:
+def test_reference_library_writes_the_q8_0_bytes_of_its_spec() -> None:
+    """The reference itself, on one Q8_0 block worked by hand: d = absmax / 127 as fp16 (2 bytes, little
+    endian), then 32 int8 codes round(x / d) (no ties here); a wrong library or binding fails this."""
     assert ggml_lib().ggml_quantize_chunk is not None
+    x = (np.arange(32, dtype=np.float32) - 15.7) / 16.3
+    d = np.abs(x).max() / 127
+    want = np.concatenate([np.frombuffer(np.float16(d).tobytes(), np.uint8),
+                           np.round(x / d).astype(np.int8).view(np.uint8)])
+    got = ggml_quantize_ref(x[None], GGMLQuantizationType.Q8_0)
+    assert got.shape == (1, 34) and np.array_equal(got[0], want)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
