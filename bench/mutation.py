@@ -43,6 +43,7 @@ class Mutation:
     line: str  # the exact original line (stripped of its indentation when matched)
     new: str  # its replacement, same indentation
     what: str
+    occurrence: int | None = None  # which match, where the line occurs more than once
 
 
 M = Mutation
@@ -98,7 +99,9 @@ MUTATIONS = [
       "return (v.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float16)",
       "legacy types: block scales truncated to fp16 instead of rounded to nearest"),
     M("S2", "gguf", "src/lowbit/formats/gguf/kquants.py", "dsub = (fp16_round(d)[:, None] * sc).reshape(-1)",
-      "dsub = (d[:, None] * sc).reshape(-1)", "Q4_K/Q5_K: codes requantized with the unrounded super-scale"),
+      "dsub = (d[:, None] * sc).reshape(-1)", "Q4_K/Q5_K: codes requantized with the unrounded super-scale", 0),
+    M("S5", "gguf", "src/lowbit/formats/gguf/kquants.py", "dsub = (fp16_round(d)[:, None] * sc).reshape(-1)",
+      "dsub = (d[:, None] * sc).reshape(-1)", "Q6_K: codes requantized with the unrounded super-scale", 1),
     M("S3", "gguf", "src/lowbit/formats/gguf/legacy_np.py",
       "d = np.abs(np.maximum(_rowmax(xb), -_rowmin(xb))) / F32(127)  # abs: +0.0 for an all-zero block",
       "d = np.abs(np.maximum(_rowmax(xb), -_rowmin(xb))) / F32(127.5)", "Q8_0: scale amax / 127.5"),
@@ -120,9 +123,9 @@ def _apply(tree: Path, m: Mutation) -> None:
     path = tree / m.file
     lines = path.read_text().split("\n")
     hits = [i for i, ln in enumerate(lines) if ln.strip() == m.line]
-    if len(hits) != 1:
+    if len(hits) != 1 and (m.occurrence is None or len(hits) <= m.occurrence):
         raise SystemExit(f"{m.key}: the line {m.line!r} occurs {len(hits)} times in {m.file}; update the mutation")
-    i = hits[0]
+    i = hits[m.occurrence or 0]
     indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
     lines[i] = indent + m.new
     path.write_text("\n".join(lines))
