@@ -206,16 +206,23 @@ def test_disk_full_during_a_writer_keeps_the_old_artifact(tmp_path, monkeypatch,
     assert before
     calls = []
     if writer == "gguf":
-        real_tensor = gguf.GGUFWriter.write_tensor_data
+        real_tensor, real_close = gguf.GGUFWriter.write_tensor_data, gguf.GGUFWriter.close
         n_tensors = len(gguf.GGUFReader(out).tensors)
 
         def tensor(self, *a, **k):  # type: ignore[no-untyped-def]
             calls.append(1)
             real_tensor(self, *a, **k)
             if len(calls) == (1 if fail_at == "first" else n_tensors):  # written in part, then the disk is full
+                self.disk_full = True
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):  # type: ignore[no-untyped-def]
+            real_close(self)
+            if getattr(self, "disk_full", False):  # flushing the buffered rest fails on a full disk too
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", tensor)
+        monkeypatch.setattr(gguf.GGUFWriter, "close", close)
         with pytest.raises(OSError, match="No space"):
             write_gguf(src, out, "Q4_K_M")
     else:
@@ -234,3 +241,26 @@ def test_disk_full_during_a_writer_keeps_the_old_artifact(tmp_path, monkeypatch,
     assert calls, "the injected failure never ran: the writer bypasses the patched function"
     assert _snapshot(out) == before
     assert sorted(p.name for p in work.iterdir()) == [out.name], "temporary files left beside the artifact"
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """The last step of an atomic folder write moves the old folder aside, then the new one in; if that
+    second rename fails, the old folder is back under its name and nothing else is left."""
+    from lowbit.core import io
+
+    target = tmp_path / "art"
+    target.mkdir()
+    (target / "a.txt").write_text("old")
+    real, calls = os.replace, []
+
+    def replace(src, dst):  # type: ignore[no-untyped-def]
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(OSError), io.atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert len(calls) >= 2 and (target / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
