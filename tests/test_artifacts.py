@@ -32,8 +32,7 @@ from lowbit.pipeline.quantize import quantize_model
 SRC = Path(__file__).resolve().parents[1] / "src"
 TEXT = "\n\n".join(f"line {i}: the quick brown fox jumps over the lazy dog and low bit models" for i in range(80))
 # compressed-tensors >= 0.19 refuses `actorder: group` ("has been removed"); 0.18.0 is its last reader
-CT_GROUP_INSTALL = ("python -m venv --system-site-packages .venv-ct018 && .venv-ct018/bin/pip install --no-deps "
-                    "compressed-tensors==0.18.0 && export LOWBIT_CT_GROUP_PYTHON=$PWD/.venv-ct018/bin/python")
+CT_GROUP_INSTALL = "scripts/install_test_clients.sh (a .venv-ct018 beside src/, or set LOWBIT_CT_GROUP_PYTHON)"
 
 
 def _ids(n=20):
@@ -63,7 +62,8 @@ print("CT", compressed_tensors.__version__)
 
 def _client_python() -> str:
     """The interpreter whose compressed-tensors still reads ``actorder: group`` (0.18.0 or older)."""
-    python = os.environ.get("LOWBIT_CT_GROUP_PYTHON", sys.executable)
+    venv = SRC.parent / ".venv-ct018" / "bin" / "python"  # scripts/install_test_clients.sh puts it there
+    python = os.environ.get("LOWBIT_CT_GROUP_PYTHON") or (str(venv) if venv.is_file() else sys.executable)
     r = subprocess.run([python, "-c", "import compressed_tensors as c; print(c.__version__)"], capture_output=True,
                        text=True)
     version = tuple(int(p) for p in r.stdout.strip().split(".")[:2]) if r.returncode == 0 else None

@@ -106,8 +106,8 @@ def go_execute(tmp_path_factory):  # type: ignore[no-untyped-def]
 
     go = shutil.which("go")
     if go is None:
-        pytest.skip("the Modelfile templates are checked with Go's text/template: install Go (apt-get install "
-                    "golang-go, see README, Tests)")
+        pytest.skip("the Modelfile templates are checked with Go's text/template: install Go "
+                    "(scripts/install_test_clients.sh, or apt-get install golang-go)")
     tmp = tmp_path_factory.mktemp("go")
     exe = tmp / "render"
     env = {**os.environ, "GOCACHE": str(tmp / "cache"), "GOPATH": str(tmp / "path"), "GO111MODULE": "off"}
