@@ -134,7 +134,7 @@ def _run_cli(runs, seed, cwd):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-# recipe keys that record the run, not the artifact: wall-clock time
+# provenance keys that record the run, not the artifact: wall-clock time
 RUN_KEYS = {"quantize_seconds"}
 
 
@@ -151,7 +151,7 @@ def test_two_processes_with_different_hash_seeds_write_the_same_bytes(tmp_path):
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir()) and "model.safetensors" in names
     for name in names:
-        if name == hf_folder.RECIPE_FILE:
+        if name == "provenance.json":
             ra, rb = json.loads((a / name).read_text()), json.loads((b / name).read_text())
             assert {k for k in ra if ra[k] != rb.get(k)} <= RUN_KEYS and ra.keys() == rb.keys()
             continue

@@ -67,7 +67,8 @@ def test_fused_norms_attach_per_block_and_leave_no_trace(tmp_path, monkeypatch, 
     q_norm and k_norm; Qwen3: two and q_norm / k_norm, which normalise each head of
     ``(1, T, heads, head_dim)``), hooks still fire, CPU float32 inputs take the eager fallback (the kernel
     is never called, so the outputs are the eager ones bit for bit), and nothing remains on the modules
-    afterwards. The kernel inside a model's forward is checked on a GPU (test_fused_norms_in_a_half_precision_forward)."""
+    afterwards. The kernel inside a model's forward is checked on a GPU
+    (test_fused_norms_in_a_half_precision_forward)."""
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path, arch), dtype=torch.float32).eval()
     block = model.model.layers[0]
     ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
