@@ -74,7 +74,7 @@ def main() -> int:
         "device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": _commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "pytest_exit": int(rc), "seconds": round(wall, 1),
         "tests": rec.rows}, indent=2) + "\n")
-    print(f"wrote {dest.relative_to(ROOT)}")
+    print(f"wrote {dest}")
     return 0 if rc == 0 and passed == len(rec.rows) and rec.rows else 1
 
 
