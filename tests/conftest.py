@@ -8,10 +8,18 @@ GGUF mapping; ``olmo2`` and ``gpt_neox`` are named by no table (lowbit's generic
 Tests marked ``slow`` need a real model (downloaded once from PyPI). They run when the marker
 expression selects them (``pytest -m slow``); otherwise they are skipped with a reason that
 ``-ra`` prints, never silently.
+
+Tests marked ``gpu`` need CUDA; without it they are skipped (visibly), and ``bench/gpu_tests.py``
+runs them on a GPU and records the result.
+
+Strict mode (``LOWBIT_STRICT_TESTS=1``, set by ``.ci/run``): any other skip -- a missing optional
+dependency (``pytest.importorskip``), an absent data file, an unavailable real client -- fails the
+test instead, so a CI run cannot turn green by skipping what it was meant to check.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -119,11 +127,75 @@ def tiny_llama_dir(tiny_model_dir) -> Path:  # type: ignore[no-untyped-def]
     return tiny_model_dir("llama")
 
 
+STRICT = os.environ.get("LOWBIT_STRICT_TESTS", "") not in ("", "0")
+SLOW_REASON = "slow: needs a real model; run with `pytest -m slow`"
+GPU_REASON = "gpu: needs CUDA; run `python bench/gpu_tests.py` on a GPU machine"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
-    """Skip ``slow`` tests, visibly, unless the ``-m`` expression mentions ``slow``."""
-    if "slow" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow: needs a real model; run with `pytest -m slow`")
+    """Skip ``slow`` tests, visibly, unless the ``-m`` expression mentions ``slow``; skip ``gpu``
+    tests (and ``gpu`` parameters) visibly where there is no CUDA."""
+    slow = pytest.mark.skip(reason=SLOW_REASON)
+    gpu = pytest.mark.skip(reason=GPU_REASON)
+    run_slow = "slow" in (config.getoption("-m") or "")
+    cuda = _cuda()
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(slow)
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(gpu)
+
+
+def _allowed_skip(item: pytest.Item) -> bool:
+    """The only skips strict mode keeps: a deselected slow test, a GPU test on a machine without CUDA."""
+    marks = {m.name: m for m in item.iter_markers()}
+    reasons = {m.kwargs.get("reason") for m in item.iter_markers("skip")}
+    return ("slow" in marks and SLOW_REASON in reasons) or ("gpu" in marks and GPU_REASON in reasons)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # type: ignore[no-untyped-def]
+    """In strict mode turn every other skip into a failure that says what was missing."""
+    outcome = yield
+    rep = outcome.get_result()
+    if STRICT and rep.skipped and not hasattr(rep, "wasxfail") and not _allowed_skip(item):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = (f"strict mode (LOWBIT_STRICT_TESTS=1) refuses this skip, which would hide a failure: "
+                        f"{reason}. Install what it needs (README, Tests) or unset LOWBIT_STRICT_TESTS locally.")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):  # type: ignore[no-untyped-def]
+    """Strict mode, at collection: a module skipped whole (``importorskip`` at its top) fails too."""
+    outcome = yield
+    rep = outcome.get_result()
+    if STRICT and rep.skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"strict mode (LOWBIT_STRICT_TESTS=1) refuses skipping {collector.nodeid} whole: {reason}"
+
+
+def eval_windows(tokenizer_dir: str | Path, text: str, ctx: int, n: int):  # type: ignore[no-untyped-def]
+    """The ``gptq`` protocol's first ``n`` windows ``(n, ctx)``: the text tokenized once, cut in ``ctx`` runs."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tokenizer_dir)(text, return_tensors="pt")["input_ids"][0]
+    return ids[: n * ctx].reshape(n, ctx)
+
+
+def kld_top1(reference, model, windows) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Mean KL(P_ref || P_model) and top-1 agreement over every predicting position (0 .. ctx-2) of
+    ``windows``, in float64 from each model's logits: the eval's numbers, computed independently."""
+    import torch
+
+    with torch.inference_mode():
+        lp = torch.log_softmax(reference(windows).logits[:, :-1].double(), -1)
+        lq = torch.log_softmax(model(windows).logits[:, :-1].double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean()), float((lp.argmax(-1) == lq.argmax(-1)).double().mean())

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model_dir
+from conftest import eval_windows, kld_top1, make_tiny_model_dir
 from lowbit.cli import main
 from lowbit.core.errors import SchemeError, UnsupportedArchitectureError
 from lowbit.core.scheme import QuantScheme
@@ -194,13 +194,38 @@ def test_cli_awq_and_awq_gptq_and_errors(tmp_path, capsys):
                  "-o", str(tmp_path / "ag")]) == 0
     from transformers import CompressedTensorsConfig
 
-    # asymmetric pack-quantized loads in transformers 5.24 + compressed-tensors 0.20 only decompressed
-    AutoModelForCausalLM.from_pretrained(tmp_path / "ag", quantization_config=CompressedTensorsConfig(dequantize=True))
+    from lowbit.formats.awq_gemm import load_awq_gemm
+    from lowbit.formats.compressed_tensors import load_quantized
+
+    # asymmetric pack-quantized loads in transformers 5.24 + compressed-tensors 0.20 only decompressed. It
+    # forms s (q - z) in the scales' dtype (bf16): every weight is ours rounded to bf16, bit for bit (the
+    # float32 product of a bf16 scale and a small integer is exact, so both round the same value)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ag", dtype=torch.float32,
+                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
+    ours = load_quantized(tmp_path / "ag")[0]
+    for name, mod in ours.named_modules():
+        if hasattr(mod, "qweight"):
+            want = mod.qweight().dequantize(torch.float32).to(torch.bfloat16).float()
+            assert torch.equal(theirs.get_submodule(name).weight, want), name
+    ids = _ids(1, 20)
+    with torch.inference_mode():
+        a, b = theirs(ids).logits, ours(ids).logits
+    # weights <= 2^-9 relative apart (bf16 rounding): logits move by about that fraction of their size
+    # (measured 1.1e-3 on max |logit| 0.6); bound 2^-7 of the largest logit
+    assert (a - b).abs().max() <= 2**-7 * b.abs().max(), (a - b).abs().max()
     assert main([*common, "--method", "awq", "--awq-objective", "linear", "--format", "awq",
                  "-o", str(tmp_path / "gemm")]) == 0
     assert json.loads((tmp_path / "gemm" / "config.json").read_text())["quantization_config"]["version"] == "gemm"
+    res = tmp_path / "eval.json"
     assert main(["--no-progress", "eval", str(tmp_path / "gemm"), "--reference", str(src), "--data", str(corpus),
-                 "--ctx", "32", "--max-windows", "2"]) == 0
+                 "--ctx", "32", "--max-windows", "2", "--json", str(res)]) == 0
+    got = json.loads(res.read_text())["results"]["gemm"]
+    # the eval's KLD is the one of the GEMM folder as lowbit's loader reads it, against the float model, on
+    # the gptq protocol's windows (float32 log-softmax on both sides: ~1e-6 apart, see tests/test_cli.py)
+    windows = eval_windows(tmp_path / "gemm", corpus.read_text(), 32, 2)
+    kld, _ = kld_top1(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), load_awq_gemm(
+        tmp_path / "gemm")[0], windows)
+    assert got["n_tokens"] == 2 * 31 and abs(got["kld_mean"] - kld) <= 2e-6, (got["kld_mean"], kld)
     assert main([*common, "--scheme", "W3A16", "--format", "awq", "-o", str(tmp_path / "bad")]) == 2
     assert main([*common, "--method", "rtn", "--awq-load", str(tmp_path / "s.safetensors"),
                  "-o", str(tmp_path / "bad")]) == 2

@@ -207,7 +207,9 @@ def test_int8_folder_loads_in_transformers_and_matches(tmp_path):
         assert torch.equal(plain16(tokens).logits, ref(tokens).logits)
         e_cal = (mine(tokens).logits - exact).abs().mean()
         e_plain = (plain(tokens).logits - exact).abs().mean()
-    assert e_cal <= e_plain * 1.05
+    # the planted channel is an outlier in every token: the calibrated columns keep it in 16 bits wherever it
+    # feeds a linear, the runtime threshold only where |x| > 6 (measured 0.79 of the plain error)
+    assert e_cal < e_plain, (float(e_cal), float(e_plain))
 
 
 def test_cli_nf4_quantize_eval_and_errors(tmp_path, capsys):
@@ -218,9 +220,18 @@ def test_cli_nf4_quantize_eval_and_errors(tmp_path, capsys):
     assert json.loads((out / "provenance.json").read_text())["scheme"]["double_quant"] is True
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join("the quick brown fox jumps over the lazy dog" for _ in range(60)))
+    res = tmp_path / "eval.json"
     assert main(["--no-progress", "eval", str(out), "--reference", str(src), "--data", str(corpus),
-                 "--ctx", "32", "--max-windows", "2"]) == 0
+                 "--ctx", "32", "--max-windows", "2", "--json", str(res)]) == 0
     assert "nf4" in capsys.readouterr().out
+    got = json.loads(res.read_text())["results"]["nf4"]
+    # the eval scores the NF4 folder as lowbit's loader reads it against the bf16 source model, on the gptq
+    # protocol's windows (log-softmax of the same logits on both sides: ~1e-6 apart, tests/test_cli.py)
+    from conftest import eval_windows, kld_top1
+
+    kld, _ = kld_top1(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), load_bnb(out)[0],
+                      eval_windows(out, corpus.read_text(), 32, 2))
+    assert got["n_tokens"] == 2 * 31 and abs(got["kld_mean"] - kld) <= 2e-6, (got["kld_mean"], kld)
     for args, msg in [(["--scheme", "NF4", "--method", "gptq"], "does not apply"),
                       (["--scheme", "NF4", "--group-size", "48"], "one of"),
                       (["--scheme", "W4A16", "--double-quant"], "data-type schemes")]:

@@ -25,7 +25,7 @@ def test_two_ranks_match_one(tmp_path, method):
     env_cmd = [sys.executable, "-m", "lowbit.cli", "--no-progress"]
     subprocess.run([*env_cmd, *args, "-o", str(one)], check=True, timeout=300)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "29517", "-m", "lowbit.cli", "--no-progress", *args, "-o", str(two)],
+                          "--standalone", "-m", "lowbit.cli", "--no-progress", *args, "-o", str(two)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads((two / "provenance.json").read_text())["world_size"] == 2
@@ -38,12 +38,26 @@ def test_two_ranks_match_one(tmp_path, method):
             qa, qb = mod.qweight(), b.get_submodule(name).qweight()
             n_codes += qa.codes.numel()
             n_same += int((qa.codes == qb.codes).sum())
-            assert torch.allclose(qa.dequantize(), qb.dequantize(), atol=float(qa.scales.float().max()) + 1e-6)
+            # a flip is a near tie rounding the other way: one step, never more
+            assert int((qa.codes.int() - qb.codes.int()).abs().max()) <= 1, name
+            # scales: from the same weights (plus, with GPTAQ, a shift through the factor of an H whose
+            # sums differ in the last bits): equal up to a few float32 ulps, then the artifact's rounding
+            rel = ((qa.scales.float() - qb.scales.float()).abs() / qa.scales.float()).max()
+            assert rel <= torch.finfo(qa.scales.dtype).eps, (name, rel)  # at most one ulp of the stored dtype
     # Hessians summed in another order differ in the last bits: a few codes may round the other way
-    assert n_same / n_codes > 0.999
+    flipped = 1 - n_same / n_codes
+    assert flipped < 1e-3, flipped
+    # Logits: a flipped code moves its weight by one step s, a rounding error is uniform in +-s/2 (RMS
+    # s / sqrt(12)); so the flips perturb the weights by sqrt(12 * flipped) of the quantization error's norm,
+    # and, to first order, the logits by that fraction of the quantization's logit error (x2 margin)
     ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    from transformers import AutoModelForCausalLM
+
     with torch.inference_mode():
-        assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-2)
+        la, lb = a(ids).logits, b(ids).logits
+        lf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits
+    bound = 2 * (12 * flipped) ** 0.5 * float((la - lf).norm()) + 1e-5 * float(la.norm())
+    assert float((la - lb).norm()) <= bound, (float((la - lb).norm()), bound, flipped)
 
 
 REDUCE = """
@@ -69,7 +83,7 @@ def test_sum_weighted_in_place_matches_out_of_place(tmp_path):
     script = tmp_path / "reduce.py"
     script.write_text(REDUCE)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "29519", str(script)], capture_output=True, text=True, timeout=120)
+                          "--standalone", str(script)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
 
 
@@ -124,7 +138,7 @@ def test_owner_retries_from_its_host_copy_of_the_summed_hessian(tmp_path):
     script = tmp_path / "retry.py"
     script.write_text(RETRY)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "29521", str(script), str(d)], capture_output=True, text=True,
+                          "--standalone", str(script), str(d)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 

@@ -88,14 +88,27 @@ class _FakeLlama:
         self.n_tokens += len(tokens)
         assert self.n_tokens <= self._n_ctx and all(0 <= t < self._n_vocab for t in tokens)
         self.batches.append(len(tokens))
+        # a fake clock: a full prefill costs 1, 3, then 2 ms per token (median 2), a decode step 10 ms
+        if len(tokens) > 2:
+            self.clock += len(tokens) * [1e-3, 3e-3, 2e-3][self.prefills % 3]
+            self.prefills += 1
+        elif len(tokens) == 1:
+            self.clock += 1e-2
+
+    clock = 0.0
+    prefills = -1  # the warm-up's partial prefill comes first
 
 
-def test_speed_fits_the_context():
+def test_speed_fits_the_context(monkeypatch):
+    import lowbit.eval.llamacpp as lc
+
     llm = _FakeLlama(n_ctx=100)
-    s = speed(llm, n_prompt=512, n_gen=30, reps=2)
+    monkeypatch.setattr(lc.time, "perf_counter", lambda: llm.clock)
+    s = speed(llm, n_prompt=512, n_gen=30, reps=3)
     assert (s.n_prompt, s.n_gen, s.threads) == (70, 30, 3)  # prompt shrunk to n_ctx - n_gen
-    assert s.prefill_tps > 0 and s.decode_tps > 0
-    assert llm.batches.count(70) == 2 and llm.batches[-30:] == [1] * 30
+    # prefill: 70 tokens over the median run (2 ms a token); decode: 30 steps over 30 x 10 ms
+    assert s.prefill_tps == pytest.approx(500.0) and s.decode_tps == pytest.approx(100.0)
+    assert llm.batches.count(70) == 3 and llm.batches[-30:] == [1] * 30
     with pytest.raises(LowbitError, match="larger context"):
         speed(_FakeLlama(n_ctx=20), n_gen=30)
 

@@ -50,6 +50,7 @@ print("OK")
 """
 
 
+@pytest.mark.kernel
 def test_kernel_is_the_eager_arithmetic_to_two_ulp():
     pytest.importorskip("triton", reason="needs the triton package (in the dev extra on x86-64 Linux)")
     env = dict(os.environ)
@@ -62,10 +63,12 @@ def test_kernel_is_the_eager_arithmetic_to_two_ulp():
 
 @pytest.mark.parametrize("arch, expect", [("llama", 2), ("qwen2", 2), ("gemma3", 6), ("qwen3", 4), ("phi3", 2)])
 def test_fused_norms_attach_per_block_and_leave_no_trace(tmp_path, monkeypatch, arch, expect):
-    """Forced on here (on the CPU the fused forward falls back to eager for CPU tensors): the known
-    norm classes get the override (Gemma 3: four around the sublayers, q_norm and k_norm; Qwen3: two
-    and q_norm / k_norm, which normalise each head of ``(1, T, heads, head_dim)``), hooks
-    still fire, outputs are unchanged, and nothing remains on the modules afterwards."""
+    """Forced on here: the known norm classes get the override (Gemma 3: four around the sublayers,
+    q_norm and k_norm; Qwen3: two and q_norm / k_norm, which normalise each head of
+    ``(1, T, heads, head_dim)``), hooks still fire, CPU float32 inputs take the eager fallback (the kernel
+    is never called, so the outputs are the eager ones bit for bit), and nothing remains on the modules
+    afterwards. The kernel inside a model's forward is checked on a GPU
+    (test_fused_norms_in_a_half_precision_forward)."""
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path, arch), dtype=torch.float32).eval()
     block = model.model.layers[0]
     ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
@@ -75,6 +78,11 @@ def test_fused_norms_attach_per_block_and_leave_no_trace(tmp_path, monkeypatch, 
     with fused_norms(block, torch.device("cpu")) as k:
         assert k == 0  # not on a CPU
     monkeypatch.setattr(fused_norm, "usable", lambda device: True)
+
+    def no_kernel(*a, **k):  # float32 CPU inputs must take the eager fallback, never the kernel
+        raise AssertionError("the fused kernel ran on a CPU float32 input")
+
+    monkeypatch.setattr(fused_norm, "rms_norm", no_kernel)
     seen = []
     h = block.input_layernorm.register_forward_hook(lambda m, a, o: seen.append(o.shape))
     with fused_norms(block, torch.device("cpu")) as k, torch.no_grad():
@@ -87,3 +95,34 @@ def test_fused_norms_attach_per_block_and_leave_no_trace(tmp_path, monkeypatch, 
     with pytest.raises(RuntimeError), fused_norms(block, torch.device("cpu")):
         raise RuntimeError("a failing block")
     assert not any("forward" in m.__dict__ for m in model.modules())  # removed on the error path too
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fused_norms_in_a_half_precision_forward(tmp_path, arch):
+    """On CUDA in bf16 the override runs the kernel inside the model's forward (every norm called, the
+    kernel reached) and the logits stay those of the eager norms: each norm output is within two bf16
+    ulps of eager (test_kernel_is_the_eager_arithmetic_to_two_ulp), i.e. 2^-7 relative, and a bf16
+    forward already rounds every activation by 2^-8, so the logits differ by a few bf16 roundings."""
+    calls = []
+    real = fused_norm.rms_norm
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path, arch), dtype=torch.bfloat16)
+    model = model.cuda().eval()
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+    blocks = list(model.model.layers)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_norm, "rms_norm", spy)
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            n = sum(stack.enter_context(fused_norms(b, torch.device("cuda"))) for b in blocks)
+            got = model(ids).logits.float()
+    assert n > 0 and len(calls) == n
+    assert (got - ref).abs().max() <= 2**-5 * ref.abs().max(), ((got - ref).abs().max(), ref.abs().max())

@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from gguf_ref import ggml_lib, ggml_quantize_ref
 from lowbit.core.errors import SchemeError
-from lowbit.formats.gguf import cpu_pool, kquants, kquants_low, legacy
+from lowbit.formats.gguf import cpu_pool, kquants, kquants_low, legacy, legacy_np
 from lowbit.formats.gguf.cpu_pool import POOL_MIN_VALUES
 from lowbit.formats.gguf.encode import SUPPORTED, quantize_rows
 from lowbit.formats.gguf.qcommon import seq_sum, seq_sum_from_first
@@ -58,8 +58,16 @@ def importance(n: int, seed: int) -> np.ndarray:
     return im
 
 
-def test_reference_library_loads() -> None:
+def test_reference_library_writes_the_q8_0_bytes_of_its_spec() -> None:
+    """The reference itself, on one Q8_0 block worked by hand: d = absmax / 127 as fp16 (2 bytes, little
+    endian), then 32 int8 codes round(x / d) (no ties here); a wrong library or binding fails this."""
     assert ggml_lib().ggml_quantize_chunk is not None
+    x = (np.arange(32, dtype=np.float32) - 15.7) / 16.3
+    d = np.abs(x).max() / 127
+    want = np.concatenate([np.frombuffer(np.float16(d).tobytes(), np.uint8),
+                           np.round(x / d).astype(np.int8).view(np.uint8)])
+    got = ggml_quantize_ref(x[None], GGMLQuantizationType.Q8_0)
+    assert got.shape == (1, 34) and np.array_equal(got[0], want)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -73,6 +81,23 @@ def test_bytes_match_llama_cpp(qtype: GGMLQuantizationType, with_imatrix: bool) 
         assert got.shape == want.shape and got.dtype == np.uint8
         bad = np.nonzero((got != want).any(axis=1))[0]
         assert bad.size == 0, f"{qtype.name} n={n} imatrix={with_imatrix}: rows {bad.tolist()} differ from llama.cpp"
+
+
+LEGACY_FAST = {T.Q4_0: lambda x: legacy_np.symmetric(x, 8, five_bit=False),
+               T.Q5_0: lambda x: legacy_np.symmetric(x, 16, five_bit=True),
+               T.Q4_1: lambda x: legacy_np.affine(x, 15), T.Q5_1: lambda x: legacy_np.affine(x, 31),
+               T.Q8_0: legacy_np.q8_0}
+
+
+@pytest.mark.parametrize("qtype", list(LEGACY_FAST), ids=lambda t: t.name)
+def test_legacy_fast_path_bytes_match_llama_cpp(qtype: GGMLQuantizationType) -> None:
+    """The numpy fast path of the legacy types, which plain weights take (``weight_rows`` holds blocks whose
+    ``1/d`` overflows, so the test above runs the generic port): llama.cpp's bytes on ordinary weights, with
+    block scales over the whole fp16 range (each scale's fp16 rounding decides its bytes)."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((64, 512)) * np.exp(rng.uniform(-12, 4, (64, 1)))).astype(np.float32)
+    assert LEGACY_FAST[qtype](x) is not None  # the fast path applies to these rows
+    np.testing.assert_array_equal(quantize_rows(x, qtype), ggml_quantize_ref(x, qtype), err_msg=qtype.name)
 
 
 TORCH_CHECKED = {T.Q8_0: legacy.quantize_q8_0, T.Q4_0: legacy.quantize_q4_0, T.Q4_1: legacy.quantize_q4_1,

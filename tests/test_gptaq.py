@@ -118,8 +118,7 @@ def test_stage_plan_pairs_the_aimed_groups_and_copies_what_changes_before_the_la
         GPTQConfig(asym_scope="some")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused bf16 path of D runs on CUDA only (checked on "
-                    "an H200 with the device tool); the fp32 path is covered above")
+@pytest.mark.gpu  # the fused bf16 path of D runs on CUDA only (bench/gpu_tests.py); the fp32 path is covered above
 def test_fused_half_precision_cross_matches_fp64():
     """D accumulated from bf16 inputs (difference rounded relative to itself, fp32 sums) stays
     within 1e-2 relative of D in fp64, with activations 5% apart, as after quantization."""
@@ -166,8 +165,7 @@ def test_paired_float_runs_leave_the_float_blocks_outputs(tmp_path):
     assert all(ctx.linears[n].weight is not fw[n] for n in done)  # the current weights are back
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the TF32 products of the shift run on CUDA only (checked on "
-                    "an H200 with the device tool); the fp32 path is covered above")
+@pytest.mark.gpu  # the TF32 products of the shift run on CUDA only (bench/gpu_tests.py); fp32 is covered above
 def test_tf32_shift_matches_fp64():
     """W D and the shift through U in TF32 stay within 1e-2 of the correction's size (fp64 reference),
     and the caller's TF32 setting is restored."""

@@ -55,8 +55,7 @@ def test_hessian_row_panels_give_the_full_symmetric_product(rows):
     assert torch.equal(panel.D, full.D)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused bf16 path runs on CUDA only (run on an H200 "
-                    "with the device tool); the panels themselves are covered on the CPU above")
+@pytest.mark.gpu  # the fused bf16 path runs on CUDA only (bench/gpu_tests.py); the panels are covered on the CPU above
 def test_fused_hessian_panels_on_cuda():
     """A 4096-wide input on the fused path is summed in 2048-row panels: symmetric, as close to the
     full product as its fp32 sums allow (bit-identical on an H200 in bench/hessian_panels.py), and
@@ -91,12 +90,17 @@ def test_gptq_beats_rtn_on_layer_output(bits, gs):
 
 @pytest.mark.parametrize("static", [True, False])
 def test_act_order(static):
+    """The outlier channels (64x the others' H_jj) placed last: in natural order they are quantized last,
+    when no column is left to absorb their 64x-weighted rounding errors; act-order quantizes them
+    first. Plain GPTQ's output error is dominated by them: act-order removes most of it (measured 0.31-0.42
+    of plain over 8 seeds, both group modes), so 0.6 can only fail if the ordering is lost."""
     w, x = _layer(seed=7)
+    x = x.flip(1)
     s = QuantScheme(3, 32, True)
     H = _hessian(x)
     plain, _ = gptq_quantize(w, H, s, GPTQConfig(act_order=False))
     ordered, _ = gptq_quantize(w, H, s, GPTQConfig(act_order=True, static_groups=static))
-    assert _out_err(w, ordered, x) < 1.05 * _out_err(w, plain, x)
+    assert _out_err(w, ordered, x) < 0.6 * _out_err(w, plain, x)
     if static:
         assert ordered.g_idx is None
     else:  # every group still has exactly group_size columns, spread over the input dimension
@@ -167,9 +171,7 @@ def test_pipeline_collects_again_when_a_consumed_factorisation_fails(tmp_path, m
     assert all(torch.isfinite(lin.weight).all() for lin in model.modules() if isinstance(lin, torch.nn.Linear))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the device-to-host copies of the results run on CUDA only (checked on an "
-    "H200 with the device tool)"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # device-to-host copies
 def test_group_results_own_their_host_storage(tmp_path, device):
     """q/k/v (and gate/up) are solved stacked; each linear's result must be a tensor of its own
     (safetensors refuses shared storage), on the host (on CUDA: copied from the device) and equal
@@ -376,17 +378,26 @@ def test_search_guard_keeps_the_search_only_where_the_top_tokens_do_not_lose(tmp
         GPTQConfig(search_power=0.5)
 
 
-def test_timeline_marks_each_stage_and_solve_without_synchronising(tmp_path):
+def test_timeline_marks_each_stage_and_solve_without_synchronising(tmp_path, monkeypatch):
     """GPTQMethod(timeline=...) marks each stage's forward, each group's solve and the engine's rest
     of the block; the totals add up to the time between the first mark and the last."""
     import time
 
+    import lowbit.pipeline.gptq as pg
     from lowbit.pipeline.blockwise import run_blockwise
     from lowbit.pipeline.hessian import Timeline
 
     model = AutoModelForCausalLM.from_pretrained(make_tiny_model_dir(tmp_path / "m", "llama"), dtype=torch.float32)
     tl = Timeline(torch.device("cpu"))
     ids = torch.randint(3, 300, (3, 32), generator=torch.Generator().manual_seed(0))
+    real, pause, solves = pg.gptq_quantize, 0.1, []
+
+    def slow(*a, **k):  # a known cost inside every solve: the timeline must book it to the solves
+        solves.append(1)
+        time.sleep(pause)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pg, "gptq_quantize", slow)
     run_blockwise(model, GPTQMethod(QuantScheme(4, 32), timeline=tl), ids, progress=False)
     tl.mark("end")
     tot = tl.totals()
@@ -398,7 +409,11 @@ def test_timeline_marks_each_stage_and_solve_without_synchronising(tmp_path):
     first, last = tl.marks[0][1], tl.marks[-1][1]
     assert isinstance(first, float) and isinstance(last, float)
     assert sum(tot.values()) == pytest.approx(last - first) and all(v >= 0 for v in tot.values())
-    assert last <= time.perf_counter()
+    booked = sum(v for k, v in tot.items() if k.startswith("solve"))
+    assert booked >= len(solves) * pause and len(solves) >= 4 * model.config.num_hidden_layers
+    # every group's solve label holds its own sleeps (one solve per block at least): were they booked
+    # to a forward, the solve labels would hold milliseconds
+    assert all(v >= model.config.num_hidden_layers * pause for k, v in tot.items() if k.startswith("solve"))
     blocks = tl.per_block()  # one dict per block, every phase in each, summing to the totals
     assert len(blocks) == model.config.num_hidden_layers and all(list(b) == list(tot) for b in blocks)
     assert all(sum(b[k] for b in blocks) == pytest.approx(v) for k, v in tot.items())

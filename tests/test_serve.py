@@ -2,8 +2,9 @@
 
 Fast tests use tiny GGUF files written with gguf-py (no weights that run). The server tests start
 ``lowbit serve`` on the real SmolLM2 GGUF in a subprocess and talk to it with the official ``openai``
-client (marked slow). The Go templates of the Modelfile are executed by a small evaluator of the
-text/template subset they use (no Go toolchain here), and compared with the Jinja template's output.
+client (marked slow). The Go templates of the Modelfile are executed by Go's own text/template (the
+engine Ollama runs them with; ``tests/go/render.go``, built with the Go toolchain) and compared with the
+Jinja template's output.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -93,82 +93,35 @@ def _said(capsys) -> str:  # type: ignore[no-untyped-def]
     return str(r.out + r.err)
 
 
-# --- a text/template evaluator for the subset our Go templates use --------------------------------------------
+# --- Go's own text/template: tests/go/render.go, built once per session ---------------------------------------
 
-_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
-
-
-def _go_tokens(src: str) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    pos, trim_next = 0, False
-    for m in _ACTION.finditer(src):
-        text = src[pos : m.start()]
-        text = text.lstrip() if trim_next else text
-        out.append(("text", text.rstrip() if m.group(1) else text))
-        out.append(("action", m.group(2)))
-        pos, trim_next = m.end(), bool(m.group(3))
-    out.append(("text", src[pos:].lstrip() if trim_next else src[pos:]))
-    return out
+GO_SRC = Path(__file__).with_name("go") / "render.go"
 
 
-def _go_value(expr: str, dot: Any, root: dict, env: dict) -> Any:
-    parts = expr.split(" ", 2)
-    if parts[0] in ("eq", "ne"):
-        a, b = (_go_value(p, dot, root, env) for p in parts[1:])
-        return (a == b) == (parts[0] == "eq")
-    if expr.startswith('"'):
-        return expr.strip('"')
-    if expr.startswith("$."):
-        return root[expr[2:]]
-    if expr.startswith("$"):
-        return env[expr]
-    assert expr.startswith("."), expr
-    return dot[expr[1:]]
+@pytest.fixture(scope="module")
+def go_execute(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """``go_execute(template, values) -> str``: the template run by Go's text/template, as Ollama runs it."""
+    import json
+    import shutil
 
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("the Modelfile templates are checked with Go's text/template: install Go "
+                    "(scripts/install_test_clients.sh, or apt-get install golang-go)")
+    tmp = tmp_path_factory.mktemp("go")
+    exe = tmp / "render"
+    env = {**os.environ, "GOCACHE": str(tmp / "cache"), "GOPATH": str(tmp / "path"), "GO111MODULE": "off"}
+    r = subprocess.run([go, "build", "-o", str(exe), str(GO_SRC)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
 
-def go_execute(src: str, values: dict) -> str:
-    """Run a Go text/template made of if / else if / else / range / end, := and =, eq / ne, fields, variables."""
-    tokens = _go_tokens(src)
-    env: dict[str, Any] = {}
+    def run(template: str, values: dict) -> str:
+        res = subprocess.run([str(exe)], input=json.dumps({"template": template, "values": values}),
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
 
-    def block(i: int, dot: Any, live: bool) -> tuple[str, int, str]:
-        out = ""
-        while i < len(tokens):
-            kind, t = tokens[i]
-            if kind == "text":
-                out += t if live else ""
-                i += 1
-            elif t == "end" or t == "else" or t.startswith("else if "):
-                return out, i, t
-            elif t.startswith("if "):
-                taken, cond, i = False, t[3:], i + 1
-                while True:  # the branches up to "end"; the first true one is live
-                    ok = live and not taken and (cond is None or bool(_go_value(cond, dot, values, env)))
-                    body, i, stop = block(i, dot, ok)
-                    out, taken, i = out + body, taken or ok, i + 1
-                    if stop == "end":
-                        break
-                    cond = None if stop == "else" else stop.removeprefix("else if ")
-            elif t.startswith("range "):
-                items = _go_value(t[6:], dot, values, env) if live else []
-                start = i + 1
-                for item in items:
-                    body, i, _ = block(start, item, True)
-                    out += body
-                if not items:
-                    _, i, _ = block(start, dot, False)
-                i += 1
-            elif ":=" in t or " = " in t:
-                name, expr = (s.strip() for s in re.split(r":?=", t, maxsplit=1))
-                if live:
-                    env[name] = _go_value(expr, dot, values, env)
-                i += 1
-            else:
-                out += str(_go_value(t, dot, values, env)) if live else ""
-                i += 1
-        return out, i, "eof"
-
-    return block(0, values, True)[0]
+    return run
 
 
 def _ollama_values(system: str | None, msgs: list[tuple[str, str]]) -> dict:
@@ -180,7 +133,7 @@ def _ollama_values(system: str | None, msgs: list[tuple[str, str]]) -> dict:
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 @pytest.mark.parametrize("system", [None, PROBE_SYSTEM])
-def test_go_templates_render_like_their_python_mirror(family, system):
+def test_go_templates_render_like_their_python_mirror(go_execute, family, system):
     for msgs in (PROBE, PROBE[:1]):
         assert go_execute(family.go_template, _ollama_values(system, msgs)) == family.render(system, msgs)
 
@@ -191,7 +144,7 @@ def test_go_templates_render_like_their_python_mirror(family, system):
     (GEMMA3, "gemma", None),
     (MISTRAL, None, None),
 ])
-def test_recognise_by_rendering(tmp_path, template, family, default_system):
+def test_recognise_by_rendering(go_execute, tmp_path, template, family, default_system):
     info = read_chat_info(write_gguf(tmp_path / "m.gguf", template))
     rec = recognise(info)
     assert (rec.family.name if rec else None) == family

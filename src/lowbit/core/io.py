@@ -103,14 +103,20 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for f in tmp.iterdir():  # some writers (safetensors) create files 0600
-        public_mode(f, folder=f.is_dir())
-    fsync_tree(tmp)  # the files' bytes are on disk before the rename makes the folder visible
     old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    os.replace(tmp, target)
+    try:  # fsync may fail too (ENOSPC, EIO): until the swap is done, a failure leaves target as it was
+        for f in tmp.iterdir():  # some writers (safetensors) create files 0600
+            public_mode(f, folder=f.is_dir())
+        fsync_tree(tmp)  # the files' bytes are on disk before the rename makes the folder visible
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except BaseException:  # the swap failed half way: put the old folder back, drop the new one
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

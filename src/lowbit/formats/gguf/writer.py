@@ -8,6 +8,7 @@ types are llama.cpp's (``ftypes.plan_types``); the bytes of each quantized tenso
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -166,7 +167,8 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
         w.close()
         tmp.replace(out)
     except BaseException:
-        w.close()
+        with contextlib.suppress(OSError):  # on a full disk the close's flush fails too: remove the file anyway
+            w.close()
         tmp.unlink(missing_ok=True)
         raise
     n_params = sum(int(np.prod(shapes[n])) for n in order)
