@@ -127,6 +127,9 @@ def save_quantized(model: nn.Module, qweights: dict[str, QuantizedWeight], out_d
         groups = [(sc, compact_targets(names)) for sc, names in by_scheme.items()]
     if any(qw.g_idx is not None for qw in qweights.values()):
         actorder = "group"
+        log.warning("this artifact stores g_idx (GPTQ dynamic groups, actorder: group): lowbit reads it, but "
+                    "compressed-tensors >= 0.19 (and transformers and vLLM with it) refuse it; the default static "
+                    "groups (act-order without --dynamic-groups) cost nothing and load everywhere")
     ignore = check_linears(model, qweights)
     tensors = model_tensors(model, qweights, dtype)
     for n, qw in qweights.items():
