@@ -1,0 +1,192 @@
+"""Triton W4A16 / W8A16 matmuls on tile-interleaved weights (:mod:`lowbit.core.kernels.tiles`).
+
+``y (M, N) = x (M, K) W_hat^T + b`` with ``W_hat[n, k] = s[g, n] (q[n, k] - z[g, n])``, ``g = k // GS``
+(``GS = Kp`` per channel), bf16 or fp16 activations, float32 accumulation, output in ``x``'s dtype.
+
+Unpacking (both kernels): a tile row is 32 int32 words; slot ``s`` of those words holds the 32
+consecutive codes ``k = t*TILE + 32 s + w``. One shift and one mask give the code, OR-ing in the
+float32 bits of ``2^23`` (``0x4B000000``) turns it into the float ``2^23 + q`` exactly (``q < 2^23``
+sits in the mantissa), and one subtraction of ``2^23 + z`` gives ``q - z`` exactly: no
+int-to-float conversion instruction (a quarter-rate unit on Hopper). Every 32-element chunk lies in
+one group (group sizes are multiples of 32), so each chunk's partial sums are scaled once::
+
+    part  = sum_{chunks c of group g} (q_c - z_g) * x_c        exact integers times x, float32
+    acc  += part * s_g                                          once per group (CPG chunks)
+
+* GEMV (``M = 1``, CUDA cores): a program owns ``BN`` rows and ``U`` tiles per step; ``part`` and
+  ``acc`` are ``(BN, U, 32)`` element-wise accumulators, reduced across lanes once at the end.
+* GEMM (``M >= 2``, tensor cores): a program owns a ``(BM, BN)`` output tile; each chunk's
+  ``q - z`` (small integers, exact in bf16/fp16) goes through ``tl.dot`` with the activations.
+
+Split-K (``n_splits > 1``): programs along K add float32 partials into a shared workspace with
+atomics; the last to arrive (an atomic counter per output tile) writes ``y`` and zeroes the
+workspace and its counter again, so no memset is needed between calls (one stream at a time).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # optional: Triton ships with CUDA builds of PyTorch
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - CPU-only installs
+    HAVE_TRITON = False
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _magic_codes(words, SHIFT: tl.constexpr, BITS: tl.constexpr):
+        """``2^23 + ((words >> SHIFT) & (2^BITS - 1))`` as float32, exactly (bit trick, no conversion)."""
+        mask: tl.constexpr = (1 << BITS) - 1
+        return (((words >> SHIFT) & mask) | 0x4B000000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _finish(y, offs, mask, rn, nm, y_ptr, ws_ptr, wsi_ptr, cnt_ptr, b_ptr, tile_id, n_splits,
+                SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Store ``y`` (float32, any 2-D shape ``(R, BN)``), directly or through the split-K workspace."""
+        if SPLIT:
+            tl.atomic_add(ws_ptr + offs, y, mask=mask)  # acq_rel: complete before the counter below
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + tile_id, 1)
+            if arrived == n_splits - 1:  # the last program of this tile: every partial is in
+                # read-and-zero through the workspace's int32 view (bit pattern of 0.0 is 0)
+                y = tl.atomic_xchg(wsi_ptr + offs, tl.zeros_like(offs), mask=mask).to(tl.float32, bitcast=True)
+                if HAS_BIAS:
+                    y += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile_id, 0)
+        else:
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                     N, K, G, n_tiles, tiles_per_split, n_splits,
+                     BITS: tl.constexpr, GS: tl.constexpr, CPG: tl.constexpr, ASYM: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BN: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr):
+        T: tl.constexpr = 32
+        E: tl.constexpr = 32 // BITS
+        TILE: tl.constexpr = E * T
+        ZSYM: tl.constexpr = 8388608.0 + (1 << (BITS - 1))  # 2^23 + z
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        nm = rn < N
+        ou = tl.arange(0, U)
+        ow = tl.arange(0, T)
+        wrow = w_ptr + rn.to(tl.int64)[:, None, None] * (n_tiles * T)
+        acc = tl.zeros((BN, U, T), dtype=tl.float32)
+        t_lo = pid_k * tiles_per_split
+        t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+        for t0 in range(t_lo, t_hi, U):
+            tiles = t0 + ou  # (U,)
+            tm = tiles < t_hi
+            m3 = nm[:, None, None] & tm[None, :, None]
+            words = tl.load(wrow + (tiles * T)[None, :, None] + ow[None, None, :], mask=m3, other=0)
+            part = tl.zeros((BN, U, T), dtype=tl.float32)
+            for s in tl.static_range(E):
+                kk = tiles[:, None] * TILE + s * T + ow[None, :]  # (U, T)
+                xs = tl.load(x_ptr + kk, mask=(kk < K) & tm[:, None], other=0.0).to(tl.float32)
+                g = (tiles * TILE + s * T) // GS  # (U,) group of this chunk
+                gm = nm[:, None] & (tm & (g < G))[None, :]  # padding past K has no group
+                if ASYM:
+                    if s % CPG == 0:
+                        cz = 8388608.0 + tl.load(z_ptr + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)
+                    q = _magic_codes(words, s * BITS, BITS) - cz[:, :, None]
+                else:
+                    q = _magic_codes(words, s * BITS, BITS) - ZSYM
+                part += q * xs[None, :, :]
+                if (s + 1) % CPG == 0:
+                    sc = tl.load(s_ptr + g[None, :] * N + rn[:, None], mask=gm, other=0.0).to(tl.float32)
+                    acc += part * sc[:, :, None]
+                    part = tl.zeros((BN, U, T), dtype=tl.float32)
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]  # (1, BN)
+        _finish(y, rn[None, :], nm[None, :], rn, nm, y_ptr, ws_ptr, ws_ptr.to(tl.pointer_type(tl.int32)), cnt_ptr, b_ptr, pid_n,
+                n_splits,
+                SPLIT, HAS_BIAS)
+
+    @triton.jit
+    def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+                     M, N, K, G, stride_xm, n_tiles, tiles_per_split, n_splits,
+                     BITS: tl.constexpr, GS: tl.constexpr, CPG: tl.constexpr, ASYM: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+                     DOT_F32: tl.constexpr):
+        T: tl.constexpr = 32
+        E: tl.constexpr = 32 // BITS
+        TILE: tl.constexpr = E * T
+        ZSYM: tl.constexpr = 8388608.0 + (1 << (BITS - 1))  # 2^23 + z
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        mm = rm < M
+        nm = rn < N
+        ow = tl.arange(0, T)
+        wrow = w_ptr + rn.to(tl.int64)[:, None] * (n_tiles * T) + ow[None, :]
+        xrow = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        t_lo = pid_k * tiles_per_split
+        t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+        for t in range(t_lo, t_hi):
+            words = tl.load(wrow + t * T, mask=nm[:, None], other=0)  # (BN, T)
+            part = tl.zeros((BM, BN), dtype=tl.float32)
+            for s in tl.static_range(E):
+                kk = t * TILE + s * T + ow  # (T,)
+                xs = tl.load(xrow + kk[None, :], mask=mm[:, None] & (kk < K)[None, :], other=0.0)
+                g = (t * TILE + s * T) // GS
+                gm = nm & (rn * 0 + g < G)  # padding past K has no group
+                if ASYM:
+                    if s % CPG == 0:
+                        cz = 8388608.0 + tl.load(z_ptr + g * N + rn, mask=gm, other=0.0).to(tl.float32)
+                    q = _magic_codes(words, s * BITS, BITS) - cz[:, None]
+                else:
+                    q = _magic_codes(words, s * BITS, BITS) - ZSYM
+                if DOT_F32:  # Triton's CPU interpreter: its bf16 dot is wrong (3.9), float32 is exact here too
+                    part = tl.dot(xs.to(tl.float32), tl.trans(q), part)
+                else:
+                    part = tl.dot(xs, tl.trans(q.to(xs.dtype)), part)  # q - z exact in bf16/fp16
+                if (s + 1) % CPG == 0:
+                    sc = tl.load(s_ptr + g * N + rn, mask=gm, other=0.0).to(tl.float32)
+                    acc += part * sc[None, :]
+                    part = tl.zeros((BM, BN), dtype=tl.float32)
+        offs = rm[:, None] * N + rn[None, :]
+        mask = mm[:, None] & nm[None, :]
+        _finish(acc, offs, mask, rn, nm, y_ptr, ws_ptr, ws_ptr.to(tl.pointer_type(tl.int32)), cnt_ptr, b_ptr, pid_m * tl.num_programs(0) + pid_n,
+                n_splits, SPLIT, HAS_BIAS)
+
+
+def launch_gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                bias: torch.Tensor | None, y: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, *,
+                bits: int, gs: int, k: int, bn: int, u: int, split: int, num_warps: int,
+                num_stages: int = 1) -> None:
+    """One GEMV launch (``x (1, K)`` contiguous); ``split`` programs along K at most."""
+    n, n_tiles = y.shape[-1], w.shape[1] // 32
+    per = -(-n_tiles // split)
+    per = -(-per // u) * u
+    splits = -(-n_tiles // per)
+    grid = (triton.cdiv(n, bn), splits)
+    _gemv_kernel[grid](x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y, ws, cnt,
+                       n, k, scales.shape[0], n_tiles, per, splits, BITS=bits, GS=gs, CPG=min(gs // 32, 32 // bits),
+                       ASYM=zeros is not None, HAS_BIAS=bias is not None, BN=bn, U=u, SPLIT=splits > 1,
+                       num_warps=num_warps, num_stages=num_stages)
+
+
+def launch_gemm(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                bias: torch.Tensor | None, y: torch.Tensor, ws: torch.Tensor, cnt: torch.Tensor, *,
+                bits: int, gs: int, k: int, bm: int, bn: int, split: int, num_warps: int,
+                num_stages: int = 2) -> None:
+    """One GEMM launch (``x (M, K)``, unit stride along K)."""
+    m, n, n_tiles = x.shape[0], y.shape[-1], w.shape[1] // 32
+    per = -(-n_tiles // split)
+    splits = -(-n_tiles // per)
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), splits)
+    _gemm_kernel[grid](x, w, scales, scales if zeros is None else zeros, scales if bias is None else bias, y, ws, cnt,
+                       m, n, k, scales.shape[0], x.stride(0), n_tiles, per, splits, BITS=bits, GS=gs, CPG=min(gs // 32, 32 // bits),
+                       ASYM=zeros is not None, HAS_BIAS=bias is not None, BM=bm, BN=bn, SPLIT=splits > 1,
+                       DOT_F32=x.device.type == "cpu", num_warps=num_warps, num_stages=num_stages)
