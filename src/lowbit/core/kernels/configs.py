@@ -82,13 +82,11 @@ def candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[Config]:
                     out.append(GemvConfig(bn=bn, u=u, split=split, warps=warps))
         return out
     bm = max(16, min(64, m_bucket(m)))
-    for bn in (32, 64, 128):
+    for bn, warps, stages in ((32, 4, 2), (64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)):
         progs = -(-n // bn) * -(-m // bm)
         s0 = _splits_for(progs, tiles, 2 * sms) if m <= 64 else 1
-        for split in sorted({max(1, s0 // 2), s0, min(s0 * 2, max(1, tiles // 2))} if m <= 64 else {1}):
-            for warps in (4, 8):
-                for stages in (1, 2, 3):
-                    out.append(GemmConfig(bm=bm, bn=bn, split=split, warps=warps, stages=stages))
+        for split in sorted({s0, min(s0 * 2, max(1, tiles // 2))} if m <= 64 else {1}):
+            out.append(GemmConfig(bm=bm, bn=bn, split=split, warps=warps, stages=stages))
     return out
 
 
@@ -122,3 +120,30 @@ def tune(device: torch.device, m: int, n: int, k: int, bits: int, gs_class: str,
 def set_config(device: torch.device, m: int, n: int, k: int, bits: int, gs_class: str, cfg: Config) -> None:
     """Force the configuration of one (device, M bucket, N, K, bits) key."""
     _TUNED[_key(device, m, n, k, bits, gs_class)] = cfg
+
+
+def has(device: torch.device, m: int, n: int, k: int, bits: int, gs_class: str) -> bool:
+    return _key(device, m, n, k, bits, gs_class) in _TUNED
+
+
+def save(path: str) -> None:
+    """Write every tuned configuration (all devices) as JSON."""
+    import json
+    from dataclasses import asdict
+
+    rows = [{"key": list(k), "kind": "gemv" if isinstance(c, GemvConfig) else "gemm", "config": asdict(c)}
+            for k, c in _TUNED.items()]
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def load(path: str) -> int:
+    """Read configurations written by :func:`save`; returns how many were read."""
+    import json
+
+    with open(path) as f:
+        rows = json.load(f)
+    for r in rows:
+        cls = GemvConfig if r["kind"] == "gemv" else GemmConfig
+        _TUNED[tuple(r["key"])] = cls(**r["config"])
+    return len(rows)

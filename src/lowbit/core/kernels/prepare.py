@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lowbit.core.errors import LowbitError
-from lowbit.core.kernels import cpu_linear, triton_linear
+from lowbit.core.kernels import configs, cpu_linear, triton_linear
 from lowbit.core.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,9 @@ def warm_up(model: nn.Module, rows: tuple[int, ...] = (1,), timer: Callable | No
             continue
         for m in rows:
             key = f"{mod.out_features}x{mod.in_features} {mod.scheme.label} M={m}"
-            if key not in seen:
+            tuned = configs.has(mod.packed.device, m, mod.out_features, mod.in_features, mod.scheme.bits,
+                                mod.gs_class)
+            if key not in seen and not tuned:
                 cfg, t = mod.tune(m, timer)
                 seen[key] = f"{cfg} {t * 1e6:.1f} us"
     return seen
