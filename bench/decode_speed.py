@@ -186,6 +186,10 @@ def main() -> None:
               f"{r.get('peak_gib', 0):9.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    if dev.type == "cuda":
+        from lowbit.core.kernels import configs as kcfg
+
+        kcfg.save(str(Path(args.out).with_name("tuned_decode.json")))
     print("wrote", args.out)
 
 
