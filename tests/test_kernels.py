@@ -168,3 +168,26 @@ def test_loaded_artifact_decodes_like_the_dequantized_model(tmp_path: Path) -> N
         a, b = ref(ids).logits.float(), fast(ids).logits.float()
     assert float((a - b).norm() / a.norm()) < 2.0**-5  # bf16 activations through 2 blocks, 7 linears each
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_static_decoder_matches_transformers() -> None:
+    """bench/static_decode.py (the decode benchmarks' loop) gives model(ids).logits and generate()'s tokens."""
+    import transformers as tf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from static_decode import StaticDecoder, decode_tokens_per_s
+
+    cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = tf.Qwen2ForCausalLM(cfg).eval()  # q/k/v biases, grouped-query attention
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits[0]
+        dec = StaticDecoder(model, 16)
+        first = dec.step(ids[:, :7], torch.arange(7))
+        rest = torch.cat([dec.step(ids[:, i:i + 1], torch.tensor([i])) for i in range(7, 12)])
+    assert torch.allclose(first[0], ref[6], atol=1e-5) and torch.allclose(rest, ref[7:], atol=1e-5)
+    got = decode_tokens_per_s(model, 8, 6, graphs=False, runs=1)["tokens"]
+    prompt = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert got == model.generate(prompt, max_new_tokens=6, do_sample=False)[0, 8:].tolist()

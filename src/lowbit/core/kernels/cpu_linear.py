@@ -11,8 +11,10 @@
 * ``cpu-int8``: ``torch.ops.aten._weight_int8pack_mm`` (``W = w_int8 * scale`` per output channel):
   symmetric per-channel 8-bit schemes, ``w_int8 = q - 128`` exactly.
 
-Both take the activation dtype chosen at load (bf16 for decode); inputs of another dtype are cast
-to it and the output cast back.
+Both run in one activation dtype fixed at build (:func:`kernel_dtype`: bf16 unless the model
+computes in fp16; torch's float32 variants of these kernels are several times slower here):
+inputs of another dtype are cast to it and the output is cast back, and ``module.to(dtype)``
+moves the module but keeps that dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from torch import nn
 from lowbit.core.qlinear import QuantLinear
 
 INT4_GROUPS = (256, 128, 64, 32)
+
+
+def kernel_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype of the CPU kernels for a model computing in ``model_dtype``."""
+    return torch.float16 if model_dtype == torch.float16 else torch.bfloat16
 
 
 def _has(op: str) -> bool:
@@ -70,6 +77,16 @@ class _CPULinear(nn.Module):
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``.to(device/dtype)`` moves the module; the kernel's activation dtype stays (see the module docstring)."""
+        super()._apply(fn, recurse)
+        for name, t in self._buffers.items():
+            if t is not None and t.is_floating_point() and t.dtype != self.dtype:
+                self._buffers[name] = t.to(self.dtype)
+        if self.bias is not None and self.bias.dtype != self.dtype:
+            self.bias = nn.Parameter(self.bias.detach().to(self.dtype), requires_grad=False)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
@@ -104,12 +121,6 @@ class CPUInt4Linear(_CPULinear):
             qw.codes.to("cpu", torch.int32).contiguous(), 1))
         self.register_buffer("scale_zeros", torch.stack([s.t(), zero.t()], -1).to("cpu", dtype).contiguous())
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        """``.to(dtype)`` follows the compute dtype (scale_zeros must match the activations)."""
-        super()._apply(fn, recurse)
-        self.dtype = self.scale_zeros.dtype
-        return self
-
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zeros)
 
@@ -126,11 +137,6 @@ class CPUInt8Linear(_CPULinear):
         qw = q.qweight()
         self.register_buffer("weight_int8", (qw.codes.to(torch.int16) - q.scheme.sym_zero).to("cpu", torch.int8))
         self.register_buffer("scales", qw.scales[:, 0].to("cpu", dtype).contiguous())
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        super()._apply(fn, recurse)
-        self.dtype = self.scales.dtype
-        return self
 
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales)

@@ -48,9 +48,9 @@ BACKENDS: dict[str, Backend] = {
     "triton": Backend("triton", "cuda", (4, 8), _triton_unsupported,
                       lambda q, dev, dt: triton_linear.TritonWxA16Linear.from_quant_linear(q, dev)),
     "cpu-int4": Backend("cpu-int4", "cpu", (4,), lambda q, dev: cpu_linear.unsupported_int4(q),
-                        lambda q, dev, dt: cpu_linear.CPUInt4Linear(q, dt)),
+                        lambda q, dev, dt: cpu_linear.CPUInt4Linear(q, cpu_linear.kernel_dtype(dt))),
     "cpu-int8": Backend("cpu-int8", "cpu", (8,), lambda q, dev: cpu_linear.unsupported_int8(q),
-                        lambda q, dev, dt: cpu_linear.CPUInt8Linear(q, dt)),
+                        lambda q, dev, dt: cpu_linear.CPUInt8Linear(q, cpu_linear.kernel_dtype(dt))),
 }
 
 
