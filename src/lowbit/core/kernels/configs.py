@@ -61,7 +61,7 @@ def _splits_for(programs: int, tiles: int, target: int) -> int:
 def default_config(m: int, n: int, k: int, bits: int, sms: int) -> Config:
     tiles = -(-k // ((32 // bits) * 32))
     if m <= 1:
-        bn = 16
+        bn = 32
         return GemvConfig(bn=bn, u=2, split=_splits_for(-(-n // bn), tiles, 2 * sms), warps=4)
     bm = max(16, min(64, m_bucket(m)))
     bn = 64 if m <= 64 else 128
@@ -75,10 +75,10 @@ def candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[Config]:
     tiles = -(-k // ((32 // bits) * 32))
     out: list[Config] = []
     if m <= 1:
-        for bn, u in ((8, 2), (8, 4), (16, 1), (16, 2), (16, 4), (32, 1), (32, 2)):
+        for bn, u in ((8, 4), (16, 2), (16, 4), (32, 1), (32, 2), (32, 4), (64, 1), (64, 2)):
             s0 = _splits_for(-(-n // bn), tiles, 2 * sms)
-            for split in sorted({max(1, s0 // 2), s0, min(s0 * 2, max(1, tiles // 2))}):
-                for warps in ((4,) if bn * u <= 32 else (4, 8)):
+            for split in sorted({s0, min(s0 * 2, max(1, tiles // 2))}):
+                for warps in ((4,) if bn * u <= 64 else (4, 8)):
                     out.append(GemvConfig(bn=bn, u=u, split=split, warps=warps))
         return out
     bm = max(16, min(64, m_bucket(m)))
