@@ -273,7 +273,7 @@ def main() -> None:
             results["speed"].append(row)
             print(line(row, info["copy_bw"]), flush=True)
             (out / "kernels_speed.json").write_text(json.dumps(results, indent=1))
-    configs.save(str(out / "tuned_configs.json"))
+            configs.save(str(out / "tuned_configs.json"))
     print("\n" + "\n".join(line(r, info["copy_bw"]) for r in results["speed"]))
 
 
