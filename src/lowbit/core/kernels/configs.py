@@ -62,9 +62,9 @@ def default_config(m: int, n: int, k: int, bits: int, sms: int) -> Config:
     tiles = -(-k // ((32 // bits) * 32))
     if m <= 1:
         bn = 32
-        return GemvConfig(bn=bn, u=2, split=_splits_for(-(-n // bn), tiles, 2 * sms), warps=4)
-    bm = max(16, min(64, m_bucket(m)))
-    bn = 64 if m <= 64 else 128
+        return GemvConfig(bn=bn, u=1, split=_splits_for(-(-n // bn), tiles, 4 * sms), warps=4)
+    bm = 16 if m <= 64 else 64
+    bn = 32 if m <= 64 else 128
     progs = -(-n // bn) * -(-m // bm)
     split = _splits_for(progs, tiles, 2 * sms) if m <= 64 else 1
     return GemmConfig(bm=bm, bn=bn, split=split, warps=4 if bm * bn <= 4096 else 8, stages=2)
@@ -75,18 +75,17 @@ def candidates(m: int, n: int, k: int, bits: int, sms: int) -> list[Config]:
     tiles = -(-k // ((32 // bits) * 32))
     out: list[Config] = []
     if m <= 1:
-        for bn, u in ((8, 4), (16, 2), (16, 4), (32, 1), (32, 2), (32, 4), (64, 1), (64, 2)):
+        for bn, u in ((32, 1), (32, 2), (64, 1), (64, 2)):
             s0 = _splits_for(-(-n // bn), tiles, 2 * sms)
-            for split in sorted({s0, min(s0 * 2, max(1, tiles // 2))}):
-                for warps in ((4,) if bn * u <= 64 else (4, 8)):
-                    out.append(GemvConfig(bn=bn, u=u, split=split, warps=warps))
+            for split in sorted({max(1, s0 // 2), s0, min(s0 * 2, max(1, tiles // 2))}):
+                out.append(GemvConfig(bn=bn, u=u, split=split, warps=4))
         return out
-    bm = max(16, min(64, m_bucket(m)))
-    for bn, warps, stages in ((32, 4, 2), (64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)):
-        progs = -(-n // bn) * -(-m // bm)
-        s0 = _splits_for(progs, tiles, 2 * sms) if m <= 64 else 1
-        for split in sorted({s0, min(s0 * 2, max(1, tiles // 2))} if m <= 64 else {1}):
-            out.append(GemmConfig(bm=bm, bn=bn, split=split, warps=warps, stages=stages))
+    for bm in sorted({16, max(16, min(64, m_bucket(m)))}):
+        for bn, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2)):
+            progs = -(-n // bn) * -(-m // bm)
+            s0 = _splits_for(progs, tiles, 2 * sms) if m <= 64 else 1
+            for split in sorted({s0, min(s0 * 2, max(1, tiles // 2))} if m <= 64 else {1}):
+                out.append(GemmConfig(bm=bm, bn=bn, split=split, warps=warps, stages=stages))
     return out
 
 

@@ -96,13 +96,22 @@ if HAVE_TRITON:
         acc = tl.zeros((BN, U, T), dtype=tl.float32)
         t_lo = pid_k * tiles_per_split
         t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+        # register double buffer: the next step's words are in flight while this step computes
+        if EVEN:
+            nxt = tl.load(wrow + ((t_lo + ou) * T)[None, :, None])
+        else:
+            nmask = nm[:, None, None] & ((t_lo + ou) < t_hi)[None, :, None]
+            nxt = tl.load(wrow + ((t_lo + ou) * T)[None, :, None], mask=nmask, other=0)
         for t0 in range(t_lo, t_hi, U):
+            lo = nxt
             tiles = t0 + ou  # (U,)
             tm = tiles < t_hi
+            pre = tl.minimum(t0 + U, t_hi - U) + ou  # clamped: the last step reloads its own tiles (EVEN)
             if EVEN:
-                lo = tl.load(wrow + (tiles * T)[None, :, None])
+                nxt = tl.load(wrow + (pre * T)[None, :, None])
             else:
-                lo = tl.load(wrow + (tiles * T)[None, :, None], mask=nm[:, None, None] & tm[None, :, None], other=0)
+                nxt = tl.load(wrow + ((t0 + U + ou) * T)[None, :, None],
+                              mask=nm[:, None, None] & ((t0 + U + ou) < t_hi)[None, :, None], other=0)
             hi = (lo.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)  # logical shift
             part = tl.zeros((BN, U, T), dtype=tl.float32)
             for s in tl.static_range(E):
@@ -158,11 +167,16 @@ if HAVE_TRITON:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         t_lo = pid_k * tiles_per_split
         t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+        if EVEN:  # register double buffer, as in the GEMV
+            nxt = tl.load(wrow + t_lo * T)  # (BN, T)
+        else:
+            nxt = tl.load(wrow + t_lo * T, mask=nm[:, None], other=0)
         for t in range(t_lo, t_hi):
+            lo = nxt
             if EVEN:
-                lo = tl.load(wrow + t * T)  # (BN, T)
+                nxt = tl.load(wrow + tl.minimum(t + 1, t_hi - 1) * T)
             else:
-                lo = tl.load(wrow + t * T, mask=nm[:, None], other=0)
+                nxt = tl.load(wrow + tl.minimum(t + 1, t_hi - 1) * T, mask=nm[:, None], other=0)
             hi = (lo.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)  # logical shift
             part = tl.zeros((BM, BN), dtype=tl.float32)
             for s in tl.static_range(E):
