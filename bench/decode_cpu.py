@@ -41,11 +41,11 @@ from static_decode import decode_tokens_per_s  # noqa: E402
 
 def artifacts(name: str, tmp: Path) -> tuple[Path, dict[str, Path], int]:
     """The reference folder and lowbit's W4A16 / W8A16 artifacts of ``name`` (RTN), written once."""
+    from lowbit.core.scheme import QuantScheme
     from lowbit.formats import compressed_tensors as ct
     from lowbit.models.loader import load_model
     from lowbit.models.sources import ensure_source
     from lowbit.pipeline.quantize import quantize_model
-    from lowbit.core.scheme import QuantScheme
 
     src = ensure_source(name)
     hidden = json.loads((src / "config.json").read_text())["hidden_size"]
@@ -62,9 +62,10 @@ def artifacts(name: str, tmp: Path) -> tuple[Path, dict[str, Path], int]:
 
 
 def load(kind: str, src: Path, arts: dict[str, Path]) -> tuple[torch.nn.Module, str]:
+    from transformers import AutoModelForCausalLM
+
     from lowbit.core.kernels import prepare_model
     from lowbit.formats import compressed_tensors as ct
-    from transformers import AutoModelForCausalLM
 
     if kind == "bf16":
         return AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), "nn.Linear bf16"
@@ -123,7 +124,8 @@ def main() -> None:
                 with torch.inference_mode():
                     rates[k].append(decode_tokens_per_s(model, args.prompt, args.new, graphs=False, runs=1)
                                     ["tokens_per_s"])
-        rows = {k: {"tokens_per_s": statistics.median(v), "rounds": v, "kernels": models[k][1]} for k, v in rates.items()}
+        rows = {k: {"tokens_per_s": statistics.median(v), "rounds": v, "kernels": models[k][1]}
+                for k, v in rates.items()}
         if not args.no_llamacpp:
             try:
                 rows["llama.cpp Q4_0"] = llamacpp_q4_0(src, tmp, args.prompt, args.new, args.threads)

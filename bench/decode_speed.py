@@ -118,8 +118,8 @@ def build_model(cfg: Any, kind: str, dev: torch.device) -> nn.Module:
 
 
 def run_config(kind: str, cfg: Any, dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    from lowbit.core.kernels import prepare_model, warm_up
     from lowbit.core.kernels import configs as kcfg
+    from lowbit.core.kernels import prepare_model, warm_up
 
     gc.collect()
     if dev.type == "cuda":

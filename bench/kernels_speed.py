@@ -41,7 +41,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lowbit.core.kernels import configs  # noqa: E402
-from lowbit.core.kernels.tiles import padded_k  # noqa: E402
 from lowbit.core.kernels.triton_linear import TritonWxA16Linear  # noqa: E402
 from lowbit.core.scheme import QuantScheme  # noqa: E402
 

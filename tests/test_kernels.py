@@ -114,7 +114,8 @@ def test_triton_kernels_match_dequantized_matmul() -> None:
     assert r.stdout.startswith("OK"), r.stdout
 
 
-@pytest.mark.parametrize("scheme,cls", [(QuantScheme(4, 128), CPUInt4Linear), (QuantScheme(4, 64, False), CPUInt4Linear),
+@pytest.mark.parametrize("scheme,cls", [(QuantScheme(4, 128), CPUInt4Linear),
+                                        (QuantScheme(4, 64, False), CPUInt4Linear),
                                         (QuantScheme(4, None), CPUInt4Linear), (QuantScheme(8, None), CPUInt8Linear)])
 def test_cpu_kernels_match_dequantized_matmul(scheme: QuantScheme, cls: type) -> None:
     q = qlinear(64, 256, scheme)
@@ -153,9 +154,9 @@ def test_prepare_model_picks_and_reports_backends() -> None:
 
 def test_loaded_artifact_decodes_like_the_dequantized_model(tmp_path: Path) -> None:
     """save -> load_quantized -> prepare_model(cpu): the same greedy tokens and close logits as the fallback."""
-    from conftest import make_tiny_model_dir
     from transformers import AutoModelForCausalLM
 
+    from conftest import make_tiny_model_dir
     from lowbit.formats import compressed_tensors as ct
     from lowbit.pipeline.quantize import quantize_model
 
