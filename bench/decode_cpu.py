@@ -6,7 +6,8 @@
 For each model: the bf16 reference (transformers ``nn.Linear``), its W4A16 (RTN, group 128, or 64 where
 128 does not divide the hidden size) and W8A16 (per channel) artifacts written by lowbit and loaded back
 from disk (``load_quantized``), then ``prepare_model(model, "cpu", dtype=bf16)``: the int4 / int8 CPU
-kernels where they apply (the report says which), and the same artifact on the dequantized fallback.
+kernels where they apply (the report says which); ``<w>-head8`` also runs the 16-bit ``lm_head`` as int8
+(``prepare_model(int8_head=True)``, an approximation beyond the artifact), ``<w>-dequant`` the fallback.
 All decode with ``static_decode.StaticDecoder`` (greedy, static KV cache, eager): a random ``--prompt``
 token prompt, then ``--new`` tokens. Configurations alternate round by round (``--rounds``) so that
 every one sees the same machine load; tokens/s is the median over rounds.
@@ -71,7 +72,9 @@ def load(kind: str, src: Path, arts: dict[str, Path]) -> tuple[torch.nn.Module, 
         return AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), "nn.Linear bf16"
     label, _, backend = kind.partition("-")
     model, _ = ct.load_quantized(arts[label], dtype=torch.bfloat16, cache=True)
-    report = prepare_model(model, "cpu", dtype=torch.bfloat16, backend=backend or "auto")
+    head8 = backend == "head8"
+    report = prepare_model(model, "cpu", dtype=torch.bfloat16, backend="auto" if head8 else backend or "auto",
+                           int8_head=head8)
     return model.eval(), report.summary()
 
 
@@ -100,7 +103,8 @@ def llamacpp_q4_0(src: Path, tmp: Path, prompt_len: int, new: int, threads: int)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
-    ap.add_argument("--configs", nargs="+", default=["bf16", "w4a16", "w8a16", "w4a16-dequant"])
+    ap.add_argument("--configs", nargs="+", default=["bf16", "w4a16", "w8a16", "w4a16-head8"],
+                    help="bf16 | w4a16 | w8a16 | <w>-dequant (the fallback) | <w>-head8 (lm_head int8 at load)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)

@@ -196,3 +196,19 @@ def test_static_decoder_matches_transformers() -> None:
     got = decode_tokens_per_s(model, 8, 6, graphs=False, runs=1)["tokens"]
     prompt = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
     assert got == model.generate(prompt, max_new_tokens=6, do_sample=False)[0, 8:].tolist()
+
+
+def test_int8_head_is_opt_in_and_bounded() -> None:
+    from lowbit.core.kernels.prepare import int8_linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64, bias=False)
+    q = int8_linear(lin)
+    step = lin.weight.abs().amax(1, keepdim=True) / 127
+    assert ((q.dequantized_weight() - lin.weight).abs() <= step / 2 + 1e-7).all()  # round to nearest: half a step
+    model = nn.Module()
+    model.head = lin
+    model.get_output_embeddings = lambda: model.head  # type: ignore[method-assign]
+    model.set_output_embeddings = lambda m: setattr(model, "head", m)  # type: ignore[method-assign]
+    report = prepare_model(model, "cpu", int8_head=True)
+    assert isinstance(model.head, CPUInt8Linear) and report.layers == {"head": "cpu-int8"}

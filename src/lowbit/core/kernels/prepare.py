@@ -93,18 +93,25 @@ def choose_backend(q: QuantLinear, device: torch.device, backend: str = "auto") 
 
 
 def prepare_model(model: nn.Module, device: torch.device | str, *, dtype: torch.dtype | None = None,
-                  backend: str = "auto") -> KernelReport:
+                  backend: str = "auto", int8_head: bool = False) -> KernelReport:
     """Move ``model`` to ``device`` (and ``dtype``), each ``QuantLinear`` replaced by the fastest kernel there.
 
     ``backend``: ``auto`` (per device, see the module table), a backend name to force (layers it
-    cannot run fall back to ``dequant``), or ``dequant``. Returns the per-layer :class:`KernelReport`
-    (also logged) and stores it as ``model.lowbit_kernels``.
+    cannot run fall back to ``dequant``), or ``dequant``. ``int8_head``: also quantize the output
+    projection (``lm_head``, which artifacts keep in 16 bits) to int8 per channel at load, an
+    approximation beyond the artifact (off by default; :func:`int8_linear`). Returns the per-layer
+    :class:`KernelReport` (also logged) and stores it as ``model.lowbit_kernels``.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     report = KernelReport(str(dev))
     compute = dtype or _float_dtype(model)
+    if int8_head:
+        head = model.get_output_embeddings()  # type: ignore[operator]
+        if not isinstance(head, nn.Linear):
+            raise LowbitError(f"int8_head: the output projection is a {type(head).__name__}, not an nn.Linear")
+        model.set_output_embeddings(int8_linear(head))  # type: ignore[operator]
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, QuantLinear):
             continue
@@ -120,6 +127,20 @@ def prepare_model(model: nn.Module, device: torch.device | str, *, dtype: torch.
     model.lowbit_kernels = report  # type: ignore[assignment]
     log.info(report.summary())
     return report
+
+
+def int8_linear(lin: nn.Linear) -> QuantLinear:
+    """``lin`` as a W8A16 per-channel symmetric :class:`QuantLinear`: ``s = max_j |W_rj| / 127``,
+    ``q = clamp(round(W / s), -128, 127) + 128`` (error at most ``s / 2`` a weight)."""
+    from lowbit.core.qweight import QuantizedWeight
+    from lowbit.core.scheme import QuantScheme
+
+    w = lin.weight.detach().float()
+    s = (w.abs().amax(1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = (torch.round(w / s).clamp(-128, 127) + 128).to(torch.uint8)
+    scheme = QuantScheme(8, None, True)
+    qw = QuantizedWeight(codes, s.to(lin.weight.dtype), torch.full_like(codes[:, :1], 128), scheme)
+    return QuantLinear.from_qweight(qw, lin.bias, dtype=lin.weight.dtype)
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
