@@ -212,3 +212,16 @@ def test_int8_head_is_opt_in_and_bounded() -> None:
     model.set_output_embeddings = lambda m: setattr(model, "head", m)  # type: ignore[method-assign]
     report = prepare_model(model, "cpu", int8_head=True)
     assert isinstance(model.head, CPUInt8Linear) and report.layers == {"head": "cpu-int8"}
+
+
+def test_shipped_configs_are_valid() -> None:
+    from lowbit.core.kernels import configs
+
+    shipped = configs._shipped()
+    assert shipped, "src/lowbit/core/kernels/tuned/*.json is missing"
+    for key, cfg in shipped.items():
+        name, bits, gs_class, n, k, bucket = key
+        assert bits in (4, 8) and bucket in (1, 2, 4, 8, 16, 32, 64, 128)
+        assert isinstance(cfg, configs.GemvConfig) == (bucket == 1), key
+    h100 = {(k[1], k[3], k[4]) for k in shipped if k[0] == "NVIDIA H100 80GB HBM3" and k[5] == 1}
+    assert {(4, 4096, 4096), (4, 1024, 4096), (4, 14336, 4096), (4, 4096, 14336)} <= h100

@@ -3,8 +3,10 @@
 A configuration is picked per (GPU, bits, N, K, M bucket). Order of preference:
 1. a configuration timed in this process (:func:`tune`, run by :func:`lowbit.core.kernels.warm_up`
    or the benchmark, outside CUDA-graph capture);
-2. the heuristic :func:`default_config`: enough programs to cover every multiprocessor about twice
-   (split-K when the output alone has too few rows), ``BN x U = 32`` tile rows a program.
+2. one shipped in ``tuned/*.json`` for this GPU's name (``bench/kernels_speed.py`` writes them;
+   ``tuned/h100.json``: the Llama-3-8B shapes on an H100 SXM);
+3. the heuristic :func:`default_config`: 32 rows a program, split-K until there are about six
+   programs a multiprocessor for one row (three for GEMM tiles), as the H100 tuning mostly chose.
 
 ``M`` buckets: 1 (GEMV, CUDA cores), then powers of two up to 64, then 128+ (GEMM, tensor cores).
 """
@@ -12,8 +14,10 @@ A configuration is picked per (GPU, bits, N, K, M bucket). Order of preference:
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -38,6 +42,8 @@ class GemmConfig:
 
 Config = GemvConfig | GemmConfig
 _TUNED: dict[tuple, Config] = {}
+_SHIPPED: dict[tuple, Config] = {}
+SHIPPED_DIR = Path(__file__).with_name("tuned")
 
 
 def m_bucket(m: int) -> int:
@@ -62,11 +68,11 @@ def default_config(m: int, n: int, k: int, bits: int, sms: int) -> Config:
     tiles = -(-k // ((32 // bits) * 32))
     if m <= 1:
         bn = 32
-        return GemvConfig(bn=bn, u=1, split=_splits_for(-(-n // bn), tiles, 4 * sms), warps=4)
+        return GemvConfig(bn=bn, u=1, split=_splits_for(-(-n // bn), tiles, 6 * sms), warps=4)
     bm = 16 if m <= 64 else 64
     bn = 32 if m <= 64 else 128
     progs = -(-n // bn) * -(-m // bm)
-    split = _splits_for(progs, tiles, 2 * sms) if m <= 64 else 1
+    split = _splits_for(progs, tiles, 3 * sms) if m <= 64 else 1
     return GemmConfig(bm=bm, bn=bn, split=split, warps=4 if bm * bn <= 4096 else 8, stages=2)
 
 
@@ -95,7 +101,8 @@ def _key(device: torch.device, m: int, n: int, k: int, bits: int, gs_class: str)
 
 
 def pick(device: torch.device, m: int, n: int, k: int, bits: int, gs_class: str) -> Config:
-    hit = _TUNED.get(_key(device, m, n, k, bits, gs_class))
+    key = _key(device, m, n, k, bits, gs_class)
+    hit = _TUNED.get(key) or _shipped().get(key)
     if hit is not None:
         return hit
     sms = sm_count(device.index or 0) if device.type == "cuda" else 4
@@ -125,11 +132,21 @@ def has(device: torch.device, m: int, n: int, k: int, bits: int, gs_class: str) 
     return _key(device, m, n, k, bits, gs_class) in _TUNED
 
 
+@functools.cache
+def _shipped() -> dict[tuple, Config]:
+    for f in sorted(SHIPPED_DIR.glob("*.json")):
+        _SHIPPED.update(_read(f))
+    return _SHIPPED
+
+
+def _read(path: str | Path) -> dict[tuple, Config]:
+    with open(path) as f:
+        rows = json.load(f)
+    return {tuple(r["key"]): (GemvConfig if r["kind"] == "gemv" else GemmConfig)(**r["config"]) for r in rows}
+
+
 def save(path: str) -> None:
     """Write every tuned configuration (all devices) as JSON."""
-    import json
-    from dataclasses import asdict
-
     rows = [{"key": list(k), "kind": "gemv" if isinstance(c, GemvConfig) else "gemm", "config": asdict(c)}
             for k, c in _TUNED.items()]
     with open(path, "w") as f:
@@ -137,12 +154,7 @@ def save(path: str) -> None:
 
 
 def load(path: str) -> int:
-    """Read configurations written by :func:`save`; returns how many were read."""
-    import json
-
-    with open(path) as f:
-        rows = json.load(f)
-    for r in rows:
-        cls = GemvConfig if r["kind"] == "gemv" else GemmConfig
-        _TUNED[tuple(r["key"])] = cls(**r["config"])
-    return len(rows)
+    """Read configurations written by :func:`save` (they take precedence); returns how many were read."""
+    got = _read(path)
+    _TUNED.update(got)
+    return len(got)
