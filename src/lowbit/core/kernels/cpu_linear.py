@@ -67,6 +67,8 @@ def unsupported_int8(q: QuantLinear) -> str | None:
 
 class _CPULinear(nn.Module):
     backend = "cpu"
+    kernel_name = "torch CPU kernel"  # what lowbit.compare.speed reads
+    dequantized = False
 
     def __init__(self, q: QuantLinear, dtype: torch.dtype) -> None:
         super().__init__()
@@ -104,6 +106,7 @@ class CPUInt4Linear(_CPULinear):
     """4-bit weights through ``_weight_int4pack_mm_for_cpu`` (see the module docstring)."""
 
     backend = "cpu-int4"
+    kernel_name = "torch _weight_int4pack_mm_for_cpu"
     packed: torch.Tensor
     scale_zeros: torch.Tensor
 
@@ -129,6 +132,7 @@ class CPUInt8Linear(_CPULinear):
     """Symmetric per-channel 8-bit weights through ``_weight_int8pack_mm``."""
 
     backend = "cpu-int8"
+    kernel_name = "torch _weight_int8pack_mm"
     weight_int8: torch.Tensor
     scales: torch.Tensor
 

@@ -73,6 +73,7 @@ class TritonWxA16Linear(nn.Module):
     """Drop-in ``nn.Linear`` computing with 4- or 8-bit weights through Triton (see the module docstring)."""
 
     backend = "triton"
+    dequantized = False  # what lowbit.compare.speed reads
     packed: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
@@ -111,6 +112,10 @@ class TritonWxA16Linear(nn.Module):
         zeros = (self.zeros.t().to(torch.uint8) if self.zeros.numel()
                  else torch.full_like(self.scales.t(), self.scheme.sym_zero, dtype=torch.uint8))
         return QuantizedWeight(codes, self.scales.t(), zeros, self.scheme)
+
+    @property
+    def kernel_name(self) -> str:
+        return f"lowbit Triton W{self.scheme.bits}A16 GEMV/GEMM"
 
     @property
     def group_size(self) -> int:
