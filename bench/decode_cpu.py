@@ -63,17 +63,21 @@ def artifacts(name: str, tmp: Path) -> tuple[Path, dict[str, Path], int]:
 
 
 def load(kind: str, src: Path, arts: dict[str, Path]) -> tuple[torch.nn.Module, str]:
+    """``kind``: ``bf16`` / ``fp32`` (the reference), or ``<artifact>[-dequant|-head8][@fp32]``."""
     from transformers import AutoModelForCausalLM
 
     from lowbit.core.kernels import prepare_model
     from lowbit.formats import compressed_tensors as ct
 
-    if kind == "bf16":
-        return AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval(), "nn.Linear bf16"
+    if kind in ("bf16", "fp32"):
+        dt = torch.bfloat16 if kind == "bf16" else torch.float32
+        return AutoModelForCausalLM.from_pretrained(src, dtype=dt).eval(), f"nn.Linear {kind}"
+    kind, _, dname = kind.partition("@")
+    dtype = torch.float32 if dname == "fp32" else torch.bfloat16
     label, _, backend = kind.partition("-")
-    model, _ = ct.load_quantized(arts[label], dtype=torch.bfloat16, cache=True)
+    model, _ = ct.load_quantized(arts[label], dtype=dtype, cache=True)
     head8 = backend == "head8"
-    report = prepare_model(model, "cpu", dtype=torch.bfloat16, backend="auto" if head8 else backend or "auto",
+    report = prepare_model(model, "cpu", dtype=dtype, backend="auto" if head8 else backend or "auto",
                            int8_head=head8)
     return model.eval(), report.summary()
 
@@ -104,12 +108,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
     ap.add_argument("--configs", nargs="+", default=["bf16", "w4a16", "w8a16", "w4a16-head8"],
-                    help="bf16 | w4a16 | w8a16 | <w>-dequant (the fallback) | <w>-head8 (lm_head int8 at load)")
+                    help="bf16 | fp32 | w4a16 | w8a16 | <w>-dequant (the fallback) | <w>-head8 (lm_head int8 at "
+                         "load); @fp32 runs the model's other layers in float32 (the kernels stay bf16)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (every config)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lowbit-decode-cpu"))
     ap.add_argument("--out", default="bench/results/kernels/decode_cpu.json")
     args = ap.parse_args()
@@ -126,8 +132,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for k, (model, _) in models.items():
                 with torch.inference_mode():
-                    rates[k].append(decode_tokens_per_s(model, args.prompt, args.new, graphs=False, runs=1)
-                                    ["tokens_per_s"])
+                    rates[k].append(decode_tokens_per_s(model, args.prompt, args.new, graphs=False, runs=1,
+                                                        compile=args.compile)["tokens_per_s"])
         rows = {k: {"tokens_per_s": statistics.median(v), "rounds": v, "kernels": models[k][1]}
                 for k, v in rates.items()}
         if not args.no_llamacpp:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_DECODERS: dict[tuple, tuple] = {}
+
 
 class StaticDecoder:
     """Greedy decoding of batch 1 with a static cache of ``max_len`` positions."""
@@ -77,26 +79,37 @@ def sync(dev: torch.device) -> None:
 
 
 def decode_tokens_per_s(model: nn.Module, prompt_len: int, new: int, *, graphs: bool, runs: int = 2,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, compile: bool = False) -> dict:
     """Greedy decode of ``new`` tokens after a random ``prompt_len`` prompt; median tokens/s over ``runs``.
 
     On CUDA with ``graphs`` the decode step (fixed shapes) is captured once in a CUDA graph and
-    replayed; prefill runs eagerly. Returns tokens/s, prefill seconds, the mode used and the tokens.
+    replayed; with ``compile`` the one-token step goes through ``torch.compile`` (compiled before
+    timing); prefill runs eagerly. Returns tokens/s, prefill seconds, the mode used and the tokens.
     """
     dev = next(model.parameters()).device
     vocab = model.config.vocab_size
     gen = torch.Generator(device="cpu").manual_seed(seed)
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen).to(dev)
-    dec = StaticDecoder(model, prompt_len + new)
+    key = (id(model), prompt_len + new, compile)
+    if key not in _DECODERS:  # reuse the cache tensors and the compiled step across calls
+        d = StaticDecoder(model, prompt_len + new)
+        _DECODERS[key] = (d, torch.compile(d.step, dynamic=False) if compile else d.step)
+    dec, fn = _DECODERS[key]
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
     pos = torch.zeros(1, dtype=torch.long, device=dev)
 
     def one_step() -> None:
-        tok.copy_(dec.step(tok, pos).argmax(-1, keepdim=True))
+        tok.copy_(fn(tok, pos).argmax(-1, keepdim=True))
         pos.add_(1)
 
     step: Callable[[], None] = one_step
-    mode = "eager"
+    mode = "compiled" if compile else "eager"
+    if compile:  # compile outside the timed loop (the cache is rewritten by the prefill below)
+        tok.copy_(dec.prefill(prompt))
+        pos.fill_(prompt_len)
+        t0 = time.perf_counter()
+        one_step()
+        mode += f" ({time.perf_counter() - t0:.0f} s to compile)"
     if graphs and dev.type == "cuda":
         try:
             step, same = _capture(one_step, tok, pos, dec, prompt)
