@@ -20,6 +20,7 @@ timings: decode tokens / decode seconds), when ``llama_cpp`` imports.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -136,6 +137,8 @@ def main() -> None:
                                                         compile=args.compile)["tokens_per_s"])
         rows = {k: {"tokens_per_s": statistics.median(v), "rounds": v, "kernels": models[k][1]}
                 for k, v in rates.items()}
+        del models  # free them before the GGUF conversion (a shared 24 GB machine)
+        gc.collect()
         if not args.no_llamacpp:
             try:
                 rows["llama.cpp Q4_0"] = llamacpp_q4_0(src, tmp, args.prompt, args.new, args.threads)
