@@ -24,11 +24,15 @@ def is_quantized_artifact(path: str | Path) -> bool:
     return artifact_kind(path) is not None
 
 
-def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, kernels: bool = True
+         ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` of a lowbit artifact (any kind) or any model spec, ready for inference on ``device``.
 
-    Artifacts keep lowbit's runtime modules (what is measured is what ships); ``dtype`` defaults to
-    float32 on the CPU and bfloat16 elsewhere.
+    Artifacts keep lowbit's runtime modules (what is measured is what ships); with ``kernels`` each
+    integer layer runs on the fastest low-bit kernel of ``device`` (Triton on CUDA, torch's int4/int8
+    packed matmuls on the CPU; :func:`lowbit.core.kernels.prepare.prepare_model`, whose per-layer report
+    is logged and kept as ``model.lowbit_kernels``), the dequantized matmul where none applies.
+    ``dtype`` defaults to float32 on the CPU and bfloat16 elsewhere.
     """
     from transformers import AutoTokenizer
 
@@ -36,6 +40,11 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     if is_quantized_artifact(path):
         model = load_artifact(path, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(str(path))
+        if kernels:
+            from lowbit.core.kernels.prepare import prepare_model
+
+            prepare_model(model, device, dtype=dtype)
+            return model, tok
     else:
         lm = load_model(str(path), device="cpu", dtype=dtype)
         model, tok = lm.model, lm.tokenizer
@@ -56,4 +65,6 @@ def load_any(spec: str | Path, backend: str = "transformers", *, ctx: int = 2048
         return load_llamacpp(spec, ctx, threads, tokenizer=tokenizer)
     if backend != "transformers":
         raise LowbitError(f"unknown backend {backend!r}; use transformers or llamacpp")
-    return load(spec)
+    # quality is scored on the artifact's exact weights in float32 (the pinned protocols), not through the
+    # speed kernels, whose bf16 activations round differently (they are tested against this path)
+    return load(spec, kernels=False)
