@@ -8,6 +8,14 @@ a header that ``gguf.GGUFReader`` parses and tensor data that fits in the file.
 
 Endpoints (llama-cpp-python): ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (streaming
 with ``stream=true``), ``/v1/embeddings``. SIGINT/SIGTERM stop uvicorn gracefully (exit status 0).
+
+Changed from llama-cpp-python's defaults: a request that arrives while another streams waits its turn
+(``interrupt_requests=False``; by default llama-cpp-python ends the running stream after one chunk, with no
+``finish_reason``); its wide-open CORS policy is replaced by lowbit's (:func:`lowbit.serve.openai_api.access`:
+no cross-origin calls unless ``--api-key`` and ``--cors-origin``); and :class:`RequestGuard` answers, before
+llama-cpp-python sees them, malformed JSON (400), an unknown model (404; llama-cpp-python would silently
+use its own) and a prompt longer than the context (400 ``context_length_exceeded``; a streamed request
+would otherwise end in a broken stream).
 """
 
 from __future__ import annotations
@@ -120,6 +128,9 @@ class ServeConfig:
     threads: int | None = None
     chat_format: str | None = None
     api_key: str | None = None
+    name: str | None = None  # the model's name in the API (default: the file's stem)
+    gpu_layers: int = 0  # layers offloaded to the GPU (-1: all); needs a CUDA build of llama-cpp-python
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -128,6 +139,10 @@ class ServeConfig:
             raise LowbitError(f"--ctx {self.ctx} is negative; use 0 (the model's context) or a token count")
         if self.threads is not None and self.threads < 1:
             raise LowbitError(f"--threads {self.threads} must be at least 1")
+        if self.gpu_layers < -1:
+            raise LowbitError(f"--gpu-layers {self.gpu_layers}: use -1 (all), 0 (CPU) or a layer count")
+        if self.cors_origins and not self.api_key:
+            raise LowbitError("--cors-origin lets web pages call the server: it needs --api-key too")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -145,7 +160,8 @@ def check_port_free(host: str, port: int) -> None:
 def build_app(cfg: ServeConfig, info: ChatInfo | None = None) -> Any:
     """The llama-cpp-python FastAPI app for ``cfg`` (the model is loaded here); ``info``: the file is checked."""
     path = cfg.model if info is not None else check_gguf_file(cfg.model)
-    chat_format = choose_chat_format(info or read_chat_info(path), cfg.chat_format)
+    info = info or read_chat_info(path)
+    chat_format = choose_chat_format(info, cfg.chat_format)
     try:
         from llama_cpp.server.app import create_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
@@ -153,14 +169,36 @@ def build_app(cfg: ServeConfig, info: ChatInfo | None = None) -> Any:
         raise LowbitError(f"serving needs llama-cpp-python with its server extra ({exc}); install it: {INSTALL}") \
             from exc
     threads: dict[str, Any] = {} if cfg.threads is None else {"n_threads": cfg.threads, "n_threads_batch": cfg.threads}
-    model = ModelSettings(model=str(path), model_alias=path.stem, n_ctx=cfg.ctx, n_gpu_layers=0, logits_all=False,
-                          chat_format=chat_format, verbose=False, **threads)
-    server = ServerSettings(host=cfg.host, port=cfg.port, api_key=cfg.api_key)
+    if cfg.gpu_layers:
+        _check_gpu_offload()
+    model = ModelSettings(model=str(path), model_alias=cfg.name or path.stem, n_ctx=cfg.ctx,
+                          n_gpu_layers=cfg.gpu_layers, logits_all=False, chat_format=chat_format, verbose=False,
+                          **threads)
+    server = ServerSettings(host=cfg.host, port=cfg.port, api_key=cfg.api_key, interrupt_requests=False)
     try:
-        return create_app(server_settings=server, model_settings=[model])
+        app = create_app(server_settings=server, model_settings=[model])
     except ValueError as exc:  # llama.cpp's "Failed to load model from file"
         raise ModelLoadError(f"llama.cpp could not load {path} ({exc}). Fix: upgrade llama-cpp-python if the "
                              "architecture or quant type is newer than it, or re-export the file.") from exc
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    from lowbit.serve.guard import RequestGuard, gguf_checker
+    from lowbit.serve.openai_api import ApiConfig
+
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+    n_ctx = cfg.ctx or int(info.context_length or 0)
+    api = ApiConfig(model_name=cfg.name or path.stem, ctx=n_ctx, api_key=cfg.api_key, cors_origins=cfg.cors_origins)
+    app.user_middleware.insert(0, Middleware(RequestGuard, cfg=api, check=gguf_checker(api, info, chat_format)))
+    return app
+
+
+def _check_gpu_offload() -> None:
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise LowbitError("--gpu-layers needs a llama-cpp-python built with GPU support (this one is CPU-only); "
+                          "reinstall it with CMAKE_ARGS='-DGGML_CUDA=on', or drop --gpu-layers")
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -173,6 +211,14 @@ def serve(cfg: ServeConfig) -> None:
     info = read_chat_info(check_gguf_file(cfg.model))  # the file first: its error is the one to see
     check_port_free(cfg.host, cfg.port)
     app = build_app(cfg, info)
+    auth = " (API key required)" if cfg.api_key else ""
+    log.info("serving %s on http://%s:%d/v1 as model %r%s", cfg.model.name, cfg.host, cfg.port,
+             cfg.name or cfg.model.stem, auth)
+    run_uvicorn(app, cfg.host, cfg.port)
+
+
+def run_uvicorn(app: Any, host: str, port: int) -> None:
+    """Run ``app`` until SIGINT/SIGTERM; the graceful shutdown is the whole answer to the signal (exit 0)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -180,10 +226,8 @@ def serve(cfg: ServeConfig) -> None:
             super().handle_exit(sig, frame)
             getattr(self, "_captured_signals", []).clear()
 
-    auth = " (API key required)" if cfg.api_key else ""
-    log.info("serving %s on http://%s:%d/v1 as model %r%s", cfg.model.name, cfg.host, cfg.port, cfg.model.stem, auth)
     try:
-        Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info")).run()
+        Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)).run()
     except KeyboardInterrupt:  # a second Ctrl-C forces the exit
         pass
     log.info("server stopped")
