@@ -359,3 +359,61 @@ def test_real_gguf_modelfile_and_truncation(smol_gguf, tmp_path, capsys):
         cut.write_bytes(f.read(smol_gguf.stat().st_size // 2))
     assert main(["serve", str(cut)]) == 2
     assert "truncated" in _said(capsys)
+
+
+@pytest.mark.slow
+def test_serve_gguf_concurrent_streams_and_bad_requests(smol_gguf):
+    """Four concurrent streams all run to a finish_reason (llama-cpp-python's default would end three of
+    them after one chunk); no CORS header for a foreign origin; malformed JSON, an unknown model and a
+    prompt longer than the context are 4xx, a streamed one too; the server then still answers."""
+    pytest.importorskip("llama_cpp.server.app", reason=NEEDS)
+    import asyncio
+    import json
+    import urllib.error
+    import urllib.request
+
+    import openai
+
+    port = _free_port()
+    proc = _start(smol_gguf, port, "--threads", "1")
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def post(path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, Any]:
+        req = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json",
+                                                                     **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read()), r.headers
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), e.headers
+
+    try:
+        client = openai.AsyncOpenAI(base_url=url, api_key="x", timeout=300)
+
+        async def one(i: int) -> str | None:
+            s = await client.completions.create(model="smol", prompt=f"Count to {i + 3}:", max_tokens=12,
+                                                temperature=0, stream=True)
+            fin = None
+            async for ch in s:
+                fin = ch.choices[0].finish_reason or fin
+            return fin
+
+        async def all4() -> list[str | None]:
+            return await asyncio.gather(*[one(i) for i in range(4)])
+
+        assert all(f in ("stop", "length") for f in asyncio.run(all4()))
+        code, err, hdrs = post("/completions", b'{"prompt": "hi", "max_tokens": 1}', {"Origin": "http://evil.example"})
+        assert code == 403 and "access-control-allow-origin" not in {k.lower() for k in hdrs}
+        assert post("/completions", b"{oops")[0] == 400
+        code, err, _ = post("/completions", json.dumps({"model": "gpt-4", "prompt": "hi"}).encode())
+        assert code == 404 and err["error"]["code"] == "model_not_found"
+        for stream in (False, True):
+            code, err, _ = post("/completions", json.dumps({"prompt": "word " * 600, "stream": stream}).encode())
+            assert code == 400 and err["error"]["code"] == "context_length_exceeded", err
+        code, res, _ = post("/completions", json.dumps({"prompt": "Hello", "max_tokens": 3}).encode())
+        assert code == 200 and res["choices"][0]["finish_reason"] in ("stop", "length")
+    except BaseException:
+        proc.kill()
+        print(proc.communicate()[0])
+        raise
+    _stop(proc, signal.SIGINT, port)

@@ -20,6 +20,7 @@ of that step with its message and the worker goes on serving.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
@@ -81,6 +82,8 @@ class BatchEngine:
         self.pos = torch.zeros(0, dtype=torch.long)  # (B,) next position of each row
         self.last = torch.zeros(0, dtype=torch.long)  # (B,) the token each row feeds next
         self.eos = _eos_ids(model, tokenizer)
+        # transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name warns on every call)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -164,7 +167,7 @@ class BatchEngine:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> torch.Tensor:
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), past_key_values=cache, use_cache=True)
+                         position_ids=pos.to(self.device), use_cache=True, **{self.cache_arg: cache})
         return out.logits[:, -1, :].float().cpu()
 
     def _admit(self, new: list[GenRequest]) -> None:
