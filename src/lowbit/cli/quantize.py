@@ -108,6 +108,10 @@ def register(subs: Any) -> dict[str, Any]:
     e.add_argument("--hessians-on-cpu", action="store_true", help="GPTQ Hessians in host memory")
     e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     e.add_argument("--awq-save", default=None, help="also write the AWQ search result (scales, clips) to this file")
+    e.add_argument("--resume", action="store_true", help="continue a killed calibrated run (GPTQ, AWQ ...) from its "
+                   "last finished block; same command otherwise. The result is byte-identical")
+    e.add_argument("--no-checkpoint", action="store_true",
+                   help="do not save each finished block of a calibrated run (then --resume cannot continue it)")
     return {"quantize": cmd_quantize}
 
 
@@ -142,7 +146,10 @@ def cmd_quantize(a: argparse.Namespace) -> None:
 
         torch.set_num_threads(a.threads)
     engine = Engine(device=a.device, offload_activations=a.offload_activations, hessians_on_cpu=a.hessians_on_cpu,
-                    progress=not a.no_progress, threads=a.threads, save_search=a.awq_save)
+                    progress=not a.no_progress, threads=a.threads, save_search=a.awq_save,
+                    checkpoint=not a.no_checkpoint, resume=a.resume)
+    if a.resume and a.no_checkpoint:
+        raise LowbitError("--resume continues from saved blocks; drop --no-checkpoint")
     res = quantize(a.model, recipe, a.out, engine=engine, force=a.force)
     labels = ", ".join(dict.fromkeys(s.label for s in _schemes(res.recipe)))
     say(f"wrote {res.path}: {res.n_linears} linears ({labels}) in {res.seconds:.1f} s, "

@@ -29,6 +29,7 @@ from lowbit.jobs.reports import method_reports
 from lowbit.models.archs import get_arch
 from lowbit.models.loader import LoadedModel, check_spec, load_model, model_size_bytes, peek_config
 from lowbit.pipeline.blockwise import run_blockwise
+from lowbit.pipeline.checkpoint import BlockCheckpoint, resume_dir
 from lowbit.pipeline.distributed import shard, world
 from lowbit.pipeline.engine import Engine
 from lowbit.pipeline.estimate import check_fits, compute_rate, estimate_run
@@ -157,9 +158,10 @@ def quantize_loaded(lm: LoadedModel, recipe: Recipe, out: str | Path, *, engine:
     cal_info: dict[str, Any] = {}
     if any(p.method.needs_calibration for p in plan.parts):
         tokens, cal_info, recipe = _calibrate(lm, recipe, plan, device, engine)
+    ckpt = _checkpoint(engine, out, recipe, source or lm.name, lm, tokens)
     t0 = time.perf_counter()
     weights = run_blockwise(lm.model, plan.parts, tokens, device=device, progress=engine.progress,
-                            offload_activations=engine.offload_activations)
+                            offload_activations=engine.offload_activations, checkpoint=ckpt)
     seconds = time.perf_counter() - t0
     reports, save_opts = method_reports(plan, engine)
     rank, size = world()
@@ -177,9 +179,19 @@ def quantize_loaded(lm: LoadedModel, recipe: Recipe, out: str | Path, *, engine:
                              rec, {RECIPE_FILE: recipe.to_yaml()}, **save_opts))
     if size > 1:
         torch.distributed.barrier()
+    if ckpt is not None and rank == 0:
+        ckpt.remove()
     kept = sorted(n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear) and n not in weights)
     return QuantizeResult(Path(out), recipe, seconds, model_size_bytes(out), bits_per_weight(weights),
                           len(weights), kept, rec)
+
+
+def _checkpoint(engine: Engine, out: str | Path, recipe: Recipe, source: str, lm: LoadedModel,
+                tokens: torch.Tensor | None) -> BlockCheckpoint | None:
+    """Per-block state for a calibrated single-process run that asks for it (the engine adds the tokens' hash)."""
+    if not (engine.checkpoint or engine.resume) or tokens is None or world()[1] > 1:
+        return None
+    return BlockCheckpoint(resume_dir(out), f"{source}\n{lm.path}\n{recipe.to_yaml()}", resume=engine.resume)
 
 
 def _calibrate(lm: LoadedModel, recipe: Recipe, plan: Plan, device: str, engine: Engine

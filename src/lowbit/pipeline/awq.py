@@ -23,7 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -235,6 +235,7 @@ class AWQMethod(BlockMethod):
     preset: AWQResult | None = None
     result: AWQResult = field(default_factory=AWQResult)
     needs_calibration: bool = True
+    run_state: ClassVar[tuple[str, ...]] = ("result",)
 
     def __post_init__(self) -> None:
         if self.objective not in ("parent", "linear"):
@@ -254,6 +255,14 @@ class AWQMethod(BlockMethod):
         """The inner method's need (GPTQ with asymmetric calibration): the engine carries the float
         model's block inputs; the scales AWQ folds leave the float block's output unchanged."""
         return self.inner is not None and self.inner.float_inputs
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "inner": None if self.inner is None else self.inner.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        super().restore(state)
+        if self.inner is not None:
+            self.inner.restore(state["inner"])
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         prefix = f"{ctx.spec.blocks}.{ctx.index}"

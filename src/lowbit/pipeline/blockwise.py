@@ -26,7 +26,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from lowbit.core.progress import progress as ticker
 from lowbit.core.qweight import QuantizedWeight
 from lowbit.models.archs import ArchSpec, block_linears, get_arch, get_blocks, require_mapping
 from lowbit.pipeline.capture import capture_inputs
+from lowbit.pipeline.checkpoint import BlockCheckpoint
 from lowbit.pipeline.fused_norm import fused_norms
 from lowbit.pipeline.replay import AttnReplay, attn_replay, maybe_active, saved_inputs, saving_attn
 from lowbit.pipeline.transfer import HostCopier, copies_done, offload, onload, prewarm_pinned, stage, to_home, uploads
@@ -133,6 +134,9 @@ class BlockMethod:
     writes_back: bool = False
     #: the method only collects statistics and returns no weights
     collect_only: bool = False
+    #: fields holding what the method accumulates over the blocks (reports, search results): saved with
+    #: each block's checkpoint and restored when a run resumes (:meth:`state`, :meth:`restore`)
+    run_state: ClassVar[tuple[str, ...]] = ()
 
     @property
     def float_inputs(self) -> bool:
@@ -157,6 +161,15 @@ class BlockMethod:
     def quantize_block(self, ctx: BlockContext) -> dict[str, Any]:
         """Quantize every linear of ``ctx.linears`` (names within the block) to ``ctx.scheme(name)``."""
         raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """What the method has accumulated so far (the :attr:`run_state` fields), for a checkpoint."""
+        return {f: getattr(self, f) for f in self.run_state}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state` returned (a resumed run)."""
+        for f in self.run_state:
+            setattr(self, f, state[f])
 
 
 #: which scheme a full linear name gets from a method, or None where it is not that method's
@@ -283,7 +296,8 @@ def as_parts(method: BlockMethod | Part | list[Part]) -> list[Part]:
 
 def run_blockwise(model: nn.Module, method: BlockMethod | Part | list[Part], tokens: torch.Tensor | None = None,
                   device: str | torch.device = "cpu", progress: bool = True, offload_activations: bool = False,
-                  warm_forward: bool | None = None, fuse_norms: bool = True) -> dict[str, Any]:
+                  warm_forward: bool | None = None, fuse_norms: bool = True,
+                  checkpoint: BlockCheckpoint | None = None) -> dict[str, Any]:
     """Quantize every linear of every decoder block of ``model``; returns ``{full name: QuantizedWeight}``.
 
     ``method`` is one block method owning every linear, or a plan: :class:`Part` s, each a method and
@@ -294,7 +308,9 @@ def run_blockwise(model: nn.Module, method: BlockMethod | Part | list[Part], tok
     GPU with calibration) runs block 0 once on its first sample before the methods see it
     (:func:`_warm_forward`); it changes no result. ``fuse_norms`` runs a block's RMSNorms of the known
     classes (Llama and Gemma styles) as one Triton kernel each while it is on a GPU
-    (:mod:`lowbit.pipeline.fused_norm`; the eager arithmetic, to two ulp).
+    (:mod:`lowbit.pipeline.fused_norm`; the eager arithmetic, to two ulp). ``checkpoint`` saves each
+    finished block (:mod:`lowbit.pipeline.checkpoint`) and, when it resumes, restores the blocks before
+    its saved point and starts after them: the result is the same, byte for byte.
     """
     parts = _order(as_parts(method))
     spec = get_arch(model)
@@ -319,13 +335,24 @@ def run_blockwise(model: nn.Module, method: BlockMethod | Part | list[Part], tok
         hidden, kwargs = [], [{} for _ in blocks]
     fp_hidden = hidden if calibrated and any(p.method.float_inputs for p in parts) else None
     result: dict[str, Any] = {}
+    first = 0
+    methods = [p.method for p in parts]
+    resumed = checkpoint.begin(tokens, list(blocks), spec.blocks, methods) if checkpoint is not None else None
+    if resumed is not None:
+        first, home = resumed.next_block, (hidden[0].device if hidden else dev)
+        result.update(resumed.weights)
+        hidden = [h.to(home) for h in resumed.hidden]
+        fp_hidden = None if resumed.fp_hidden is None else [h.to(home) for h in resumed.fp_hidden]
     warm = (dev.type == "cuda" if warm_forward is None else warm_forward) and calibrated and bool(hidden)
     copier = HostCopier(dev)
     norms = ExitStack()
     try:
         with torch.no_grad(), ticker(f"quantizing {len(blocks)} blocks", len(blocks), progress) as bar:
-            staged = copier.submit(partial(stage, blocks[0])) if copier.cuda else None
+            staged = copier.submit(partial(stage, blocks[first])) if copier.cuda and first < len(blocks) else None
             for i, block in enumerate(blocks):
+                if i < first:  # restored from the checkpoint
+                    bar.advance()
+                    continue
                 homes = onload(block, dev, staged.result() if staged is not None else None)
                 norms.enter_context(fused_norms(block, dev, on=fuse_norms))  # left by norms.close()
                 nxt = i + 1 < len(blocks) and copier.cuda
@@ -334,12 +361,16 @@ def run_blockwise(model: nn.Module, method: BlockMethod | Part | list[Part], tok
                 if not early:
                     _check_finite(f"{spec.blocks}.{i}", linears)
                 copies_done(dev)  # activations written to the host by the previous block have landed
-                if i == 0 and warm:
+                if i == first and warm:
                     _warm_forward(block, hidden[0], kwargs[0], dev)
                 hidden, fp_hidden = _quantize_block(parts, i, block, linears, spec, dev, hidden, kwargs[i],
                                                     fp_hidden, result, copier, calibrated)
                 norms.close()
                 offload(block, homes, copier)
+                if checkpoint is not None:
+                    copier.wait()  # this block's weights are on the host
+                    own = {k: v for k, v in result.items() if k.startswith(f"{spec.blocks}.{i}.")}
+                    checkpoint.save(i, block, own, hidden, fp_hidden, methods)
                 bar.advance()
                 log.debug("block %d quantized", i)
         copier.wait()

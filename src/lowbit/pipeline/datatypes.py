@@ -9,7 +9,7 @@ columns (:mod:`lowbit.methods.llm_int8`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -49,6 +49,7 @@ class DataTypeMethod(BlockMethod):
     scale_dtype: torch.dtype = torch.bfloat16
     act_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
     outlier_columns: dict[str, int] = field(default_factory=dict)
+    run_state: ClassVar[tuple[str, ...]] = ("act_absmax", "outlier_columns")
 
     def __post_init__(self) -> None:
         self.needs_calibration = self.scheme.dtype == "int8"  # LLM.int8's outlier columns need data

@@ -26,6 +26,9 @@ class Engine:
         progress: progress bars on a terminal, periodic plain lines otherwise; False for none.
         threads: CPU threads for torch (None: torch's default).
         save_search: also write a searching method's result (AWQ's scales and clips) to this file.
+        checkpoint: save each finished block of a calibrated run next to the output folder
+            (:mod:`lowbit.pipeline.checkpoint`), removed once the artifact is written.
+        resume: continue a killed run from its saved blocks (implies ``checkpoint``).
     """
 
     device: str = "auto"
@@ -34,6 +37,8 @@ class Engine:
     progress: bool = True
     threads: int | None = None
     save_search: str | None = None
+    checkpoint: bool = False
+    resume: bool = False
 
     def resolved_device(self) -> str:
         """The device this engine runs on; an unavailable one is an error saying what is there."""

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -68,6 +68,7 @@ class GPTQMethod(BlockMethod):
     scale_dtype: torch.dtype = torch.bfloat16
     needs_calibration: bool = True
     stats: dict[str, GPTQStats] = field(default_factory=dict)
+    run_state: ClassVar[tuple[str, ...]] = ("stats",)
     timers: dict[str, float] | None = None  # phase -> seconds (synchronising) when a dict is given
     # later runs of a block replay its attention from o_proj's inputs, kept by the stage that starts at o_proj
     # (q/k/v final by then): same results, about a third less forward time (lowbit.pipeline.replay)

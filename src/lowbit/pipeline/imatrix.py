@@ -8,6 +8,7 @@ outputs feed the next block), as llama.cpp's ``llama-imatrix`` computes them; no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ class ImatrixCollector(BlockMethod):
     collect_only: bool = True
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    run_state: ClassVar[tuple[str, ...]] = ("sums", "counts")
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         obs = collect(ctx, lambda n, lin: SquareMeanObserver(lin.in_features), keep_outputs=True)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -76,6 +76,15 @@ class SmoothQuantMethod(BlockMethod):
     input_scales: dict[str, float] = field(default_factory=dict)
     act_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
     inner: BlockMethod | None = None  # quantizes the smoothed block's weights (None: RTN int8 per channel)
+    run_state: ClassVar[tuple[str, ...]] = ("smooth_scales", "input_scales", "act_absmax")
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "inner": None if self.inner is None else self.inner.state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        super().restore(state)
+        if self.inner is not None:
+            self.inner.restore(state["inner"])
 
     @property
     def folds_scales(self) -> str | None:
