@@ -14,6 +14,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+
 from conftest import make_tiny_model_dir
 from lowbit.core.errors import LowbitError
 from lowbit.core.presets import lookup_scheme
