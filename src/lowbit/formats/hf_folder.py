@@ -159,12 +159,30 @@ def empty_model(folder: Path, dtype: torch.dtype) -> nn.Module:
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights  # type: ignore[no-redef,attr-defined]
 
-    cfg = AutoConfig.from_pretrained(folder)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    with no_init_weights():
-        model: nn.Module = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    try:
+        cfg = AutoConfig.from_pretrained(folder)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        with torch.device("meta"):  # sizes first: a crafted config must not make us allocate terabytes
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg, dtype=dtype).parameters())
+        stored = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        if n * dtype.itemsize > MAX_EXPANSION * stored + (64 << 20):
+            raise FormatError(f"{folder}/config.json describes {n} parameters, far more than its "
+                              f"{stored} bytes of weights hold; the config does not belong to these weights. "
+                              "Fix: restore config.json or re-export the artifact")
+        with no_init_weights():
+            model: nn.Module = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    except FormatError:
+        raise
+    except (ValueError, KeyError, AttributeError, TypeError, RuntimeError, OSError, IndexError) as e:
+        raise FormatError(f"{folder}/config.json does not describe a model transformers can build "
+                          f"({type(e).__name__}: {str(e)[:300]}). Fix: restore config.json or re-export the "
+                          "artifact") from None
     return model
+
+
+#: dense float32 bytes per stored byte a config may claim (2-bit codes: 16x, plus scales and slack)
+MAX_EXPANSION = 32
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -176,8 +194,12 @@ def finish_load(model: nn.Module, tensors: dict[str, torch.Tensor], replaced: It
                 dtype: torch.dtype) -> nn.Module:
     """Load the remaining (unquantized) tensors, check nothing is missing or left over, tie, eval."""
     names = set(replaced)
-    result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
-                                   strict=False)
+    try:
+        result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                                       strict=False)
+    except RuntimeError as e:  # shapes that do not match the config
+        raise FormatError(f"{folder}: the weights do not match config.json ({str(e)[:300]}). Fix: restore "
+                          "config.json or re-export the artifact") from None
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     missing = [k for k in result.missing_keys if k.rsplit(".", 1)[0] not in names
                and not (k == "lm_head.weight" and tied)]

@@ -75,26 +75,49 @@ def _resolve_dtype(dtype: torch.dtype | None, storage: torch.dtype, device: str)
 
 def check_gguf(path: Path) -> None:
     """Raise :class:`ModelLoadError` unless ``path`` is a complete GGUF file (magic, header, tensor data)."""
-    fix = "Fix: re-download or re-export the file; if it is an offline source, delete its cache folder."
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(
-            f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF'). "
-            f"Fix: pass a real .gguf file, or a folder with config.json."
-        )
-    import gguf
+    from lowbit.models.gguf_header import read_header
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except Exception as exc:  # the reader raises ValueError, IndexError, struct errors...
-        raise ModelLoadError(
-            f"GGUF file {path} is corrupt or truncated ({type(exc).__name__}: {exc}). {fix}"
-        ) from exc
-    size = path.stat().st_size
-    if end > size:
-        raise ModelLoadError(f"GGUF file {path} is truncated ({size} bytes, tensor data needs {end}). {fix}")
+    read_header(path)  # every count, size and offset checked against the file (lowbit.models.gguf_header)
+
+
+SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+_ST_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2,
+             "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "F4": 1, "F6_E2M3": 1,
+             "F6_E3M2": 1}
+
+
+def _safetensors_extent(header: Any) -> int:
+    """The data size a safetensors header declares, after checking each entry as the safetensors library
+    does: known dtype, shape of non-negative ints, ``data_offsets`` matching the shape, no hole or overlap."""
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    spans = []
+    for k, v in header.items():
+        if k == "__metadata__":
+            if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+                raise ValueError("__metadata__ must map strings to strings")
+            continue
+        if not isinstance(v, dict) or v.get("dtype") not in _ST_BYTES:
+            raise ValueError(f"tensor {k!r}: unknown dtype or entry {str(v)[:80]}")
+        shape, offs = v.get("shape"), v.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 62
+                                                  for d in shape):
+            raise ValueError(f"tensor {k!r}: shape {str(shape)[:80]} is not a list of sizes")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool)
+                                                                  for o in offs) and 0 <= offs[0] <= offs[1]):
+            raise ValueError(f"tensor {k!r}: data_offsets {str(offs)[:80]} is not [begin, end]")
+        n = 1
+        for d in shape:
+            n *= d
+        if v["dtype"] not in ("F4", "F6_E2M3", "F6_E3M2") and n * _ST_BYTES[v["dtype"]] != offs[1] - offs[0]:
+            raise ValueError(f"tensor {k!r}: {offs[1] - offs[0]} bytes do not hold shape {shape} of {v['dtype']}")
+        spans.append((offs[0], offs[1]))
+    pos = 0
+    for b, e in sorted(spans):
+        if b != pos:
+            raise ValueError(f"tensor data has a hole or an overlap at byte {min(b, pos)}")
+        pos = e
+    return pos
 
 
 def check_safetensors(path: Path) -> None:
@@ -104,12 +127,12 @@ def check_safetensors(path: Path) -> None:
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file")
+            if n > min(size - 8, SAFETENSORS_MAX_HEADER):
+                raise ValueError(f"header length {n} exceeds the file or {SAFETENSORS_MAX_HEADER} bytes")
             header = json.loads(f.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ModelLoadError(f"safetensors file {path} is corrupt ({exc}). {fix}") from exc
+        end = _safetensors_extent(header)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
+        raise ModelLoadError(f"safetensors file {path} is corrupt ({str(exc)[:300]}). {fix}") from exc
     if 8 + n + end != size:
         raise ModelLoadError(
             f"safetensors file {path} is truncated or padded "

@@ -126,14 +126,64 @@ def _inner(v: Any, path: str) -> Any:
     return None if v is None else parse_method(v, path)
 
 
+#: a recipe file is a few kilobytes; larger ones, aliases, deep nesting and huge trees are refused
+MAX_BYTES = 1 << 20
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present: 30x faster
+
+
+def _check_tree(data: Any, source: str) -> None:
+    """Refuse YAML aliases (a shared node: a recipe never needs one, and a few nested aliases expand into
+    billions of nodes for whoever walks the tree), nesting deeper than :data:`MAX_DEPTH` and trees of more
+    than :data:`MAX_NODES` nodes; linear in the size of the parsed tree."""
+    seen: set[int] = set()
+    stack = [(data, 0)]
+    nodes = 0
+    while stack:
+        v, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES or depth > MAX_DEPTH:
+            raise RecipeError(f"{source}: the recipe nests deeper than {MAX_DEPTH} levels or holds more than "
+                              f"{MAX_NODES} values; a recipe is a short mapping (see recipe.yaml in an artifact)")
+        if isinstance(v, (dict, list)):
+            if id(v) in seen:
+                raise RecipeError(f"{source}: YAML aliases (*name) are not allowed in recipes; write the value out")
+            seen.add(id(v))
+            stack.extend((x, depth + 1) for x in (list(v.keys()) + list(v.values()) if isinstance(v, dict) else v))
+
+
+def _depth_bound(text: str) -> int:
+    """An upper bound of the text's YAML nesting depth, without parsing: the deepest bracket nesting (quotes
+    ignored, so over-counted) plus, on the worst line, its indentation and its ``- `` markers. libyaml's
+    parser recurses in C: a few hundred thousand levels crash the process (segfault) instead of raising."""
+    flow = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            flow += 1
+            deepest = max(deepest, flow)
+        elif ch in "]}":
+            flow = max(flow - 1, 0)
+    block = max((len(line) - len(line.lstrip(" ")) + line.count("- ") for line in text.splitlines()), default=0)
+    return deepest + block
+
+
 def parse_text(text: str, source: str) -> Any:
     """The data of a YAML or JSON text (JSON is YAML); a syntax error names ``source`` and the line."""
+    if len(text) > MAX_BYTES:
+        raise RecipeError(f"{source}: {len(text)} characters; a recipe is at most {MAX_BYTES} (a few KB in practice)")
+    if _depth_bound(text) > 4 * MAX_DEPTH:
+        raise RecipeError(f"{source}: nested too deeply to be a recipe (more than {MAX_DEPTH} levels)")
     try:
-        return yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 -- a safe loader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise RecipeError(f"{source}:{where} not valid YAML/JSON ({getattr(e, 'problem', e)})") from None
+    except (ValueError, RecursionError, OverflowError) as e:  # e.g. a 5000-digit integer, 10^5 nested brackets
+        raise RecipeError(f"{source}: not a readable recipe ({type(e).__name__}: {str(e)[:200]})") from None
+    _check_tree(data, source)
+    return data
 
 
 def read_data(path: str | Path) -> Any:
@@ -142,6 +192,8 @@ def read_data(path: str | Path) -> Any:
     if not p.is_file():
         raise RecipeError(f"recipe file {p} not found")
     try:
+        if p.stat().st_size > 4 * MAX_BYTES:
+            raise RecipeError(f"recipe file {p} is {p.stat().st_size} bytes; a recipe is a few KB")
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"recipe file {p} cannot be read ({e})") from None

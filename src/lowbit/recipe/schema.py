@@ -161,6 +161,9 @@ class Recipe:
             return cls.from_dict(data)
         except RecipeError as e:
             raise RecipeError(f"{path}: {e}") from None
+        except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:  # a shape no field expects
+            raise RecipeError(f"{path}: not a recipe lowbit can read ({type(e).__name__}: {str(e)[:200]}); "
+                              "compare it with recipe.yaml in an artifact lowbit wrote") from None
 
     @classmethod
     def from_dict(cls, d: Any) -> Recipe:

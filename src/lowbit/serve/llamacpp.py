@@ -58,31 +58,28 @@ def check_gguf_file(path: str | Path) -> Path:
     return p
 
 
-def _field(reader: Any, key: str) -> Any:
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
-
-
 def read_chat_info(path: str | Path) -> ChatInfo:
-    """The chat template and special-token texts of a checked GGUF file."""
-    import gguf
+    """The chat template and special-token texts of a GGUF file (its header is checked on the way)."""
+    from lowbit.models.gguf_header import read_header
 
-    reader = gguf.GGUFReader(str(path))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    fields = read_header(path).fields
+    tokens = fields.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else []
 
     def text(key: str) -> str | None:
-        tid = _field(reader, key)
-        if tokens is None or tid is None or not 0 <= int(tid) < len(tokens.data):
+        tid = fields.get(key)
+        if not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid < len(tokens):
             return None
-        return bytes(tokens.parts[tokens.data[int(tid)]]).decode("utf-8", errors="replace")
+        return str(tokens[tid])
 
-    arch = str(_field(reader, "general.architecture") or "unknown")
-    ctx = _field(reader, f"{arch}.context_length")
-    template = _field(reader, "tokenizer.chat_template")
+    arch = str(fields.get("general.architecture") or "unknown")
+    ctx = fields.get(f"{arch}.context_length")
+    template = fields.get("tokenizer.chat_template")
     eos, eot = text("tokenizer.ggml.eos_token_id"), text("tokenizer.ggml.eot_token_id")
-    return ChatInfo(template=str(template) if template else None, bos=text("tokenizer.ggml.bos_token_id"), eos=eos,
-                    eot=eot if eot != eos else None, architecture=arch,
-                    context_length=int(ctx) if ctx is not None else None)
+    return ChatInfo(template=template if isinstance(template, str) and template else None,
+                    bos=text("tokenizer.ggml.bos_token_id"), eos=eos, eot=eot if eot != eos else None,
+                    architecture=arch,
+                    context_length=ctx if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0 else None)
 
 
 def _llama_chat_format() -> Any:

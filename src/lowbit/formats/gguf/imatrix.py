@@ -70,27 +70,53 @@ def save_imatrix(im: Imatrix, path: str | Path) -> Path:
     return path
 
 
+def _bad(path: Path, what: str) -> LowbitError:
+    return LowbitError(f"imatrix {path} is damaged: {what}. Fix: compute it again (lowbit imatrix) or pass "
+                       "another --imatrix")
+
+
 def _load_gguf(path: Path) -> Imatrix:
-    r = gguf.GGUFReader(path)
-    im = Imatrix()
-    f = r.fields
-    if "imatrix.datasets" in f:
-        im.datasets = list(f["imatrix.datasets"].contents())
-    im.chunk_count = int(f["imatrix.chunk_count"].contents()) if "imatrix.chunk_count" in f else 0
-    im.chunk_size = int(f["imatrix.chunk_size"].contents()) if "imatrix.chunk_size" in f else 0
-    for t in r.tensors:
-        data = np.asarray(t.data, dtype=np.float32)
+    """The GGUF imatrix; its header is bounds-checked (:mod:`lowbit.models.gguf_header`) before any read."""
+    from lowbit.core.errors import ModelLoadError
+    from lowbit.models.gguf_header import read_header
+
+    try:
+        h = read_header(path)
+    except ModelLoadError as e:
+        raise LowbitError(f"imatrix {e}") from None
+    f, im = h.fields, Imatrix()
+    ds = f.get("imatrix.datasets", [])
+    im.datasets = [str(x) for x in ds] if isinstance(ds, list) else [str(ds)]
+    for key, attr in (("imatrix.chunk_count", "chunk_count"), ("imatrix.chunk_size", "chunk_size")):
+        v = f.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise _bad(path, f"{key} is {v!r}, not a count")
+        setattr(im, attr, v)
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    for t in h.tensors:
+        if t.ggml_type != 0:  # GGML_TYPE_F32
+            raise _bad(path, f"tensor {t.name} has ggml type {t.ggml_type}; an imatrix holds F32 tensors")
+        data = np.frombuffer(raw, dtype="<f4", count=t.nbytes // 4, offset=t.offset).astype(np.float32)
+        if not np.isfinite(data).all() or (data < 0).any():
+            raise _bad(path, f"tensor {t.name} holds negative, NaN or infinite values (sums of squares and "
+                             "counts are finite and >= 0)")
+        if t.shape[0] < 1 or data.size % t.shape[0]:
+            raise _bad(path, f"tensor {t.name} has shape {list(t.shape)}")
         if t.name.endswith(".in_sum2"):
             im.sums[t.name.removesuffix(".in_sum2")] = data.reshape(-1, int(t.shape[0]))
         elif t.name.endswith(".counts"):
             im.counts[t.name.removesuffix(".counts")] = np.rint(data.reshape(-1)).astype(np.float32)
     missing = set(im.sums) ^ set(im.counts)
     if missing:
-        raise LowbitError(f"imatrix {path} is damaged: sums and counts do not pair up for {sorted(missing)[:3]}")
+        raise _bad(path, f"sums and counts do not pair up for {sorted(missing)[:3]}")
+    for name, s in im.sums.items():
+        if im.counts[name].shape[0] != s.shape[0]:
+            raise _bad(path, f"{name} has {s.shape[0]} rows of sums but {im.counts[name].shape[0]} counts")
     return im
 
 
 def _load_legacy(path: Path) -> Imatrix:
+    """llama.cpp's legacy ``.dat``; every count is checked against the bytes left before it is used."""
     b = path.read_bytes()
     im, off = Imatrix(), 0
 
@@ -100,25 +126,34 @@ def _load_legacy(path: Path) -> Imatrix:
         off += struct.calcsize(fmt)
         return v
 
+    def count(v: int, size: int, what: str) -> int:
+        if v < 0 or off + v * size > len(b):
+            raise ValueError(f"{what} {v} does not fit the {len(b) - off} bytes left")
+        return v
+
     try:
         (n,) = take("<i")
-        if n < 1:
-            raise ValueError("no entries")
+        if n < 1 or 4 + 12 * n > len(b):  # each entry: name length, ncall, nval (3 x int32) at least
+            raise ValueError(f"entry count {n} does not fit a {len(b)}-byte file")
         for _ in range(n):
             (ln,) = take("<i")
-            name = b[off:off + ln].decode()
+            name = b[off:off + count(ln, 1, "name length")].decode()
             off += ln
             ncall, nval = take("<ii")
-            vals = np.frombuffer(b, dtype="<f4", count=nval, offset=off).astype(np.float32)
+            if ncall < 0:
+                raise ValueError(f"{name}: negative call count {ncall}")
+            vals = np.frombuffer(b, dtype="<f4", count=count(nval, 4, f"{name}: value count"), offset=off)
             off += 4 * nval
+            if not np.isfinite(vals).all() or (vals < 0).any():
+                raise ValueError(f"{name}: negative, NaN or infinite sums of squares")
             # legacy stores E[x^2] * ncall with counts {ncall}: sums / counts gives E[x^2] again
-            im.sums[name] = vals.reshape(1, -1)
+            im.sums[name] = vals.astype(np.float32).reshape(1, -1)
             im.counts[name] = np.array([ncall], dtype=np.float32)
         if off < len(b):
             (im.chunk_count,) = take("<i")
             (ln,) = take("<i")
             if ln > 0:
-                im.datasets = [b[off:off + ln].decode()]
+                im.datasets = [b[off:off + count(ln, 1, "dataset name length")].decode()]
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path} is neither a GGUF imatrix nor a legacy llama.cpp .dat imatrix ({e})") from e
     return im
