@@ -140,23 +140,23 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(a.artifact)
-    rows = [run_one("lowbit serve (batched)", a.artifact, ["--ctx", str(a.ctx), "--max-batch", str(a.clients)],
-                    a.clients, a.max_tokens, tok)]
-    if a.gguf:
-        rows.append(run_one("llama-cpp-python server", a.gguf, ["--ctx", str(a.ctx), "--threads", str(a.threads)],
-                            a.clients, a.max_tokens, tok))
     keys = ["server", "answered", "dropped", "wall_s", "completion_tokens", "tokens_per_s", "latency_p50_s",
             "latency_p99_s", "ttft_p50_s", "ttft_p99_s"]
-    print(" | ".join(keys))
-    for r in rows:
-        print(" | ".join(str(r[k]) for k in keys))
+    print(" | ".join(keys), flush=True)
+    plan = [("lowbit serve (batched)", a.artifact, ["--ctx", str(a.ctx), "--max-batch", str(a.clients)])]
+    if a.gguf:
+        plan.append(("llama-cpp-python server", a.gguf, ["--ctx", str(a.ctx), "--threads", str(a.threads)]))
+    rows = []
+    for name, model, extra in plan:  # each row printed and saved as soon as it is measured
+        rows.append(run_one(name, model, extra, a.clients, a.max_tokens, tok))
+        print(" | ".join(str(rows[-1][k]) for k in keys), flush=True)
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                    "load_average_after": os.getloadavg(), "max_tokens": a.max_tokens, "argv": sys.argv[1:]}
+            Path(a.json).write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
     if len(rows) == 2:
         print(f"aggregate tokens/s ratio lowbit / llama.cpp: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                "load_average_at_end": os.getloadavg(), "max_tokens": a.max_tokens}
-        Path(a.json).write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,57 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def unique_temp(path: str | Path) -> Path:
+    """A new, empty temporary file next to ``path`` (``.NAME.PID.XXXX.partial``): two runs never share one, and
+    :func:`clean_stale` recognises those of killed runs."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """fsync ``tmp``, give it a plain file's mode, rename it to ``path`` and fsync the folder."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    public_mode(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(path: str | Path) -> list[Path]:
+    """Remove the temporary files and folders (``.NAME.PID.*.partial``) that runs writing ``path`` left when
+    they were killed; those of live processes are kept. Returns what was removed."""
+    path = Path(path)
+    gone = []
+    for p in path.parent.glob(f".{path.name}.*.partial") if path.parent.is_dir() else []:
+        pid = p.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+def check_replaceable_gguf(path: str | Path) -> None:
+    """Refuse to overwrite an existing file that is not a GGUF file (a typo in -o must not destroy data)."""
+    p = Path(path)
+    if p.is_file() and p.stat().st_size > 0:
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise LowbitError(f"{p} exists and is not a GGUF file; lowbit replaces only GGUF files. "
+                                  "Choose another -o or remove it yourself")
+
+
 #: files that mark a folder as a lowbit artifact (``--force`` replaces only such a folder)
 ARTIFACT_MARKERS = ("provenance.json", "recipe.yaml", "lowbit_recipe.json")
 
@@ -96,7 +147,8 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
     target = Path(target)
     check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".partial", dir=target.parent))
     public_mode(tmp, folder=True)
     try:
         yield tmp

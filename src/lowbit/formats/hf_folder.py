@@ -70,6 +70,7 @@ def write_hf_folder(model: nn.Module, tensors: dict[str, torch.Tensor], out_dir:
     config = model_config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
+    config.pop("_name_or_path", None)  # the machine path of the source: provenance.json names the source
     config["quantization_config"] = quantization_config
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         write_shards(tensors, tmp)

@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 
 from lowbit.core.errors import LowbitError
+from lowbit.core.io import check_replaceable_gguf, clean_stale, publish, unique_temp
 
 
 @dataclass
@@ -50,23 +51,29 @@ class Imatrix:
 def save_imatrix(im: Imatrix, path: str | Path) -> Path:
     """Write the GGUF imatrix (entries in sorted name order, as llama-imatrix does); atomic."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    w = gguf.GGUFWriter(tmp, arch="", use_temp_file=False)
-    w.kv_data[0].pop("general.architecture", None)
-    w.add_type("imatrix")
-    w.add_array("imatrix.datasets", im.datasets or ["unknown"])
-    w.add_uint32("imatrix.chunk_count", int(im.chunk_count))
-    w.add_uint32("imatrix.chunk_size", int(im.chunk_size))
-    for name in im.names():
-        s = np.ascontiguousarray(im.sums[name], dtype=np.float32).reshape(-1, im.sums[name].shape[-1])
-        c = np.ascontiguousarray(im.counts[name], dtype=np.float32).reshape(-1, 1)
-        w.add_tensor(f"{name}.in_sum2", s)
-        w.add_tensor(f"{name}.counts", c)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
+    check_replaceable_gguf(path)
+    clean_stale(path)
+    tmp = unique_temp(path)
+    try:
+        w = gguf.GGUFWriter(tmp, arch="", use_temp_file=False)
+        w.kv_data[0].pop("general.architecture", None)
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", im.datasets or ["unknown"])
+        w.add_uint32("imatrix.chunk_count", int(im.chunk_count))
+        w.add_uint32("imatrix.chunk_size", int(im.chunk_size))
+        for name in im.names():
+            s = np.ascontiguousarray(im.sums[name], dtype=np.float32).reshape(-1, im.sums[name].shape[-1])
+            c = np.ascontiguousarray(im.counts[name], dtype=np.float32).reshape(-1, 1)
+            w.add_tensor(f"{name}.in_sum2", s)
+            w.add_tensor(f"{name}.counts", c)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from lowbit import __version__
 from lowbit.core.errors import LowbitError
+from lowbit.core.io import check_replaceable_gguf, clean_stale, publish, unique_temp
 from lowbit.core.scheme import QuantScheme
 from lowbit.formats.gguf.convert import HFSource, add_arch_metadata, gguf_tensors
 from lowbit.formats.gguf.encode import quantize_rows
@@ -118,13 +119,15 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
     out = Path(out)
     if out.is_dir():
         raise LowbitError(f"{out} is a folder; give the .gguf file path to write")
+    check_replaceable_gguf(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
+    clean_stale(out)
+    tmp = unique_temp(out)
     n_vocab = shapes["token_embd.weight"][0]
     w = gguf.GGUFWriter(tmp, src.spec.name, use_temp_file=False)
     try:
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(name or str(src.config.get("_name_or_path") or src.folder.name))
+        w.add_name(name or Path(str(src.config.get("_name_or_path") or src.folder.name)).name)  # no machine path
         w.add_quantized_by(f"lowbit {__version__}")
         add_arch_metadata(w, src)
         w.add_file_type(int(ftype))
@@ -165,7 +168,7 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
                 q = q.view(np.float16)
             w.write_tensor_data(q.reshape(_byte_shape(shapes[n], t)))
         w.close()
-        tmp.replace(out)
+        publish(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):  # on a full disk the close's flush fails too: remove the file anyway
             w.close()
