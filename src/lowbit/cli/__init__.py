@@ -19,12 +19,12 @@ from rich.logging import RichHandler  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 from lowbit import __version__  # noqa: E402
-from lowbit.cli import compare, gguf, models, quantize, serve  # noqa: E402
+from lowbit.cli import compare, doctor, gguf, models, quantize, serve  # noqa: E402
 from lowbit.cli import eval as eval_cmd  # noqa: E402
 from lowbit.cli.common import HelpFormatter, add_common, err_console  # noqa: E402
 from lowbit.core.errors import LowbitError  # noqa: E402
 
-Handler = Callable[[argparse.Namespace], None]
+Handler = Callable[[argparse.Namespace], int | None]
 EXAMPLES = """\
   lowbit run                                              # compare schemes on SmolLM2-135M, recommend one
   lowbit quantize qwen2.5-coder-0.5b --scheme W4A16 --method gptq -o out/qwen-w4
@@ -41,7 +41,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     add_common(p, suppress=False)
     subs = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Handler] = {}
-    for mod in (compare, quantize, eval_cmd, models, gguf, serve):
+    for mod in (compare, quantize, eval_cmd, models, gguf, serve, doctor):
         handlers.update(mod.register(subs))
     return p, handlers
 
@@ -80,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         console.quiet = True
     _logging(a.verbose, rank)
     try:
-        handlers[a.command](a)
+        rc = handlers[a.command](a)
     except LowbitError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}")
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted; nothing was written")
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":
