@@ -362,7 +362,7 @@ def run_blockwise(model: nn.Module, method: BlockMethod | Part | list[Part], tok
                     _check_finite(f"{spec.blocks}.{i}", linears)
                 copies_done(dev)  # activations written to the host by the previous block have landed
                 if i == first and warm:
-                    _warm_forward(block, hidden[0], kwargs[0], dev)
+                    _warm_forward(block, hidden[0], kwargs[i], dev)
                 hidden, fp_hidden = _quantize_block(parts, i, block, linears, spec, dev, hidden, kwargs[i],
                                                     fp_hidden, result, copier, calibrated)
                 norms.close()
