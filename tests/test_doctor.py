@@ -64,6 +64,11 @@ def test_nan_scale_fails_everywhere(tiny, tmp_path):
     assert not rep.ok and any(key == x.where for x in rep.findings)
     assert not _loads_in_transformers(bad)  # the real load gives NaN logits: no false OK
     assert main(["doctor", str(bad), "--engine", "transformers", "--no-scan"]) == 1
+    cut = tmp_path / "cut"  # a truncated weights file: a finding for every engine, not an exception
+    shutil.copytree(art, cut)
+    (cut / "model.safetensors").write_bytes((art / "model.safetensors").read_bytes()[:1000])
+    rep = doctor(cut, ("vllm", "transformers"))
+    assert not rep.ok and not _loads_in_transformers(cut)
 
 
 @pytest.mark.parametrize("scheme, gs, override, rule", [

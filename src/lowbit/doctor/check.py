@@ -181,7 +181,11 @@ def _vllm(rep: Report, config: dict[str, Any]) -> None:
         return
     groups = qc.get("config_groups") or {}
     ignore = qc.get("ignore") or []
-    heads = _tensor_headers(rep.path)
+    try:
+        heads = _tensor_headers(rep.path)
+    except LowbitError as e:  # reported once, by the NaN/Inf scan, for every engine
+        log.debug("vllm rules skipped: %s", e)
+        return
     shapes = _linear_shapes(heads)
     chosen: dict[str, dict[str, Any] | None] = {}
     for name, shape in shapes.items():
