@@ -110,8 +110,9 @@ def register(subs: Any) -> dict[str, Any]:
     e.add_argument("--awq-save", default=None, help="also write the AWQ search result (scales, clips) to this file")
     e.add_argument("--resume", action="store_true", help="continue a killed calibrated run (GPTQ, AWQ ...) from its "
                    "last finished block; same command otherwise. The result is byte-identical")
-    e.add_argument("--no-checkpoint", action="store_true",
-                   help="do not save each finished block of a calibrated run (then --resume cannot continue it)")
+    e.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                   help="save each finished block of a calibrated run so --resume can continue it (default: on on "
+                        "a CPU; off on a GPU, where saving each block's activations costs more than a rerun)")
     return {"quantize": cmd_quantize}
 
 
@@ -145,11 +146,13 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(a.threads)
-    engine = Engine(device=a.device, offload_activations=a.offload_activations, hessians_on_cpu=a.hessians_on_cpu,
-                    progress=not a.no_progress, threads=a.threads, save_search=a.awq_save,
-                    checkpoint=not a.no_checkpoint, resume=a.resume)
-    if a.resume and a.no_checkpoint:
+    if a.resume and a.checkpoint is False:
         raise LowbitError("--resume continues from saved blocks; drop --no-checkpoint")
+    device = Engine(device=a.device).resolved_device()
+    checkpoint = a.checkpoint if a.checkpoint is not None else device == "cpu"
+    engine = Engine(device=device, offload_activations=a.offload_activations, hessians_on_cpu=a.hessians_on_cpu,
+                    progress=not a.no_progress, threads=a.threads, save_search=a.awq_save,
+                    checkpoint=checkpoint, resume=a.resume)
     res = quantize(a.model, recipe, a.out, engine=engine, force=a.force)
     labels = ", ".join(dict.fromkeys(s.label for s in _schemes(res.recipe)))
     say(f"wrote {res.path}: {res.n_linears} linears ({labels}) in {res.seconds:.1f} s, "
