@@ -145,7 +145,10 @@ def run_speed(path: str | Path, family: str, *, device: str = "cpu", threads: in
            "--prompt", str(n_prompt), "--new", str(n_gen), "--reps", str(reps), "--dtype", dtype, "--json", str(out)]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the worker imports the same lowbit as this process, installed or not
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH", "")) if p))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
