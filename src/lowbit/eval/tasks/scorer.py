@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -105,6 +106,7 @@ class PackedScorer:
     """A pack of requests in one forward over their token trie (see the module docstring)."""
 
     name = "packed"
+    verdicts: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()  # model -> check passed
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -115,7 +117,6 @@ class PackedScorer:
         self.window = window if isinstance(window, int) and window > 0 else None
         self.keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.plain = PlainScorer(model)
-        self.checked = False
         self.packed_tokens = 0
 
     @property
@@ -138,17 +139,18 @@ class PackedScorer:
     def score(self, requests: Sequence[TokenRequest]) -> list[Score]:
         if self.window is not None and any(len(r.input_ids) > self.window for r in requests):
             return self.plain.score(requests)  # the 4D mask would drop the model's sliding window
+        verdict = self.verdicts.get(self.model)
+        if verdict is False:
+            return self.plain.score(requests)
         res = self._run(build_pack(requests))
-        if not self.checked:
-            self.checked = True
+        if verdict is None:  # first pack of this model: check against one forward per request
             first = list(requests[: min(len(requests), 4)])
-            ref = self.plain.score(first)
-            worst = max(abs(a[0] - b[0]) for a, b in zip(res, ref, strict=False))
+            worst = max(abs(a[0] - b[0]) for a, b in zip(res, self.plain.score(first), strict=False))
+            self.verdicts[self.model] = worst <= CHECK_ATOL
             if worst > CHECK_ATOL:
                 log.warning("packed prefix-shared scoring differs from plain scoring by %.3g nats on the first "
                             "requests (attention implementation %r ignores custom masks?); scoring one request "
                             "per forward instead", worst, getattr(self.model.config, "_attn_implementation", None))
-                self.score = self.plain.score  # type: ignore[method-assign]
                 return self.plain.score(requests)
         return res
 
