@@ -37,10 +37,9 @@ def test_prompts_are_lm_evals(files: dict[str, Path]) -> None:
     assert piqa.docs[1].requests[0] == ("Question: dresser\nAnswer:", " replace drawer with bobby pin ")
     assert [d.gold for d in piqa.docs] == [0, 1, 0]
     wg = load_task("winogrande", files["winogrande"])
-    assert wg.docs[0].requests == (("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
-                                   ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases."))
-    assert wg.docs[0].row == {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
-                              "option1": "Sarah", "option2": "Maria", "answer": "2"}
+    stem, target = "Sarah was a much better surgeon than Maria so ", " always got the easier cases."
+    assert wg.docs[0].requests == ((stem + "Sarah", target), (stem + "Maria", target))
+    assert wg.docs[0].row == {"sentence": stem + "_" + target, "option1": "Sarah", "option2": "Maria", "answer": "2"}
     assert wg.docs[2].row["option1"] == "plant" and wg.docs[2].requests[0][1] == " ."
     lam = load_task("lambada_openai", files["lambada_openai"], limit=2)
     assert lam.docs[0].requests == (("the quick brown fox jumps over the lazy", " dog"),)
