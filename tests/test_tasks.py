@@ -173,3 +173,29 @@ def test_metrics_as_lm_eval() -> None:
         return statistics.stdev(res)
 
     assert perplexity_stderr(lls, 3000) == pytest.approx(lm_eval_bootstrap(3000), rel=1e-9)
+
+
+def test_llamacpp_gguf_reuses_the_shared_prefix(tmp_path, files):  # type: ignore[no-untyped-def]
+    """A GGUF through llama.cpp: the KV cache of a shared context is reused, the scores are llama.cpp's own
+    one-sequence-at-a-time scores (1e-3: another split into batches) and transformers' within its F32
+    file's error (the KV cache is f16 in llama.cpp: ~1e-3 relative per logit, summed over <= 20 tokens)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:  # CI installs it (scripts/install_llamacpp.sh): a missing client is a failure
+        raise AssertionError("llama-cpp-python is required for the GGUF tests (see .ci/run)") from e
+    from lowbit.eval.llamacpp import LlamaCppLogits
+    from lowbit.formats.gguf.writer import write_gguf
+
+    folder = make_tiny_model_dir(tmp_path / "l", "llama", max_position_embeddings=512)
+    model, tok = _load(folder)
+    gguf = LlamaCppLogits(write_gguf(folder, tmp_path / "m.gguf", "F32").path, ctx=512, threads=1)
+    specs = task_specs(files)
+    res = evaluate_tasks({"hf": model, "gguf": gguf, "plain": gguf.__call__}, tok, specs, progress=False,
+                         reference="hf")
+    for name, r in res["gguf"].items():
+        shared = r.tokens < r.tokens_unshared if name != "lambada_openai" else r.tokens == r.tokens_unshared
+        assert r.scorer == "llama.cpp" and shared, name  # LAMBADA: one request a document, nothing shared
+        plain = np.concatenate(res["plain"][name].loglikelihoods)
+        assert np.allclose(np.concatenate(r.loglikelihoods), plain, atol=1e-3, rtol=0), name
+        assert np.allclose(plain, np.concatenate(res["hf"][name].loglikelihoods), atol=2e-2, rtol=0), name
+    gguf.close()

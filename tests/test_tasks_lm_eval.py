@@ -91,3 +91,22 @@ def test_cli_hands_the_loaded_model_to_lm_eval(setup: dict[str, Any], capsys: py
     res = json.loads(out.read_text())["lm_eval"]["tiny"]["results"]
     assert "acc,none" in res["lowbit_piqa"]
     assert set(res) == {"lowbit_arc_easy", "lowbit_piqa"}
+
+
+def test_gguf_through_llamacpp_runs_in_lm_eval(setup: dict[str, Any], tmp_path: Path) -> None:
+    """A GGUF by llama.cpp handed to HFLM (LlamaCppModule): lm-eval's scores equal lowbit's llama.cpp scores
+    (1e-3: the same llama.cpp computation split into other batches)."""
+    from lowbit.eval.llamacpp import LlamaCppLogits
+    from lowbit.formats.gguf.writer import write_gguf
+
+    gguf = LlamaCppLogits(write_gguf(setup["dir"], tmp_path / "m.gguf", "F32").path, ctx=512, threads=1)
+    tasks = setup["tasks"][:2]
+    ours = evaluate_tasks({"g": gguf}, setup["tok"], tasks, progress=False)["g"]
+    res = run_lm_eval(gguf, setup["tok"], [f"lowbit_{t.name}" for t in tasks], include_path=setup["yaml"],
+                      log_samples=True)
+    for task in tasks:
+        samples = sorted(res["samples"][f"lowbit_{task.name}"], key=lambda s: s["doc_id"])
+        for d, s in enumerate(samples):
+            assert ours[task.name].loglikelihoods[d] == pytest.approx([float(r[0]) for r in s["filtered_resps"]],
+                                                                      abs=1e-3)
+    gguf.close()
