@@ -48,46 +48,50 @@ class Clock:
         self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
 
 
-def lm_eval_side(model: Any, tok: Any, tasks: list[Any], tmp: Path) -> dict[str, dict[str, Any]]:
-    """Per task: lm-eval's metrics, per-document log-likelihoods, the wall/CPU time of ``simple_evaluate``
-    and of its scoring phase alone (``HFLM.loglikelihood``: tokenization and forwards)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+class LmEvalSide:
+    """lm-eval on the same model: one ``HFLM`` (batch size 1) and one TaskManager, then one task at a time."""
 
-    from lowbit.eval.lm_eval_bridge import hflm, write_lm_eval_tasks
+    def __init__(self, model: Any, tok: Any, tasks: list[Any], tmp: Path) -> None:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
 
-    names = write_lm_eval_tasks(tasks, tmp)
-    lm = hflm(model, tok, batch_size=1)
-    manager = TaskManager(include_path=str(tmp))  # indexing lm-eval's task folder is not timed
-    inner = lm.loglikelihood
-    spent = {"wall": 0.0, "cpu": 0.0}
+        from lowbit.eval.lm_eval_bridge import hflm, write_lm_eval_tasks
 
-    def timed(requests: Any, disable_tqdm: bool = False) -> Any:
+        self.lm_eval = lm_eval
+        self.names = dict(zip((t.name for t in tasks), write_lm_eval_tasks(tasks, tmp), strict=True))
+        self.lm = hflm(model, tok, batch_size=1)
+        self.manager = TaskManager(include_path=str(tmp))  # indexing lm-eval's task folder is not timed
+        inner = self.lm.loglikelihood
+        self.spent = {"wall": 0.0, "cpu": 0.0}
+
+        def timed(requests: Any, disable_tqdm: bool = False) -> Any:
+            with Clock() as c:
+                res = inner(requests, disable_tqdm=True)
+            self.spent["wall"] += c.wall
+            self.spent["cpu"] += c.cpu
+            return res
+
+        self.lm.loglikelihood = timed
+
+    def run(self, task: Any) -> dict[str, Any]:
+        """lm-eval's metrics, per-document log-likelihoods, the wall/CPU time of ``simple_evaluate`` and of its
+        scoring phase alone (``HFLM.loglikelihood``: tokenization and forwards)."""
+        name = self.names[task.name]
+        self.spent.update(wall=0.0, cpu=0.0)
         with Clock() as c:
-            res = inner(requests, disable_tqdm=True)
-        spent["wall"] += c.wall
-        spent["cpu"] += c.cpu
-        return res
-
-    lm.loglikelihood = timed
-    out = {}
-    for task, name in zip(tasks, names, strict=True):
-        spent.update(wall=0.0, cpu=0.0)
-        with Clock() as c:
-            res = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, log_samples=True)
+            res = self.lm_eval.simple_evaluate(model=self.lm, tasks=[name], task_manager=self.manager,
+                                               log_samples=True)
         samples = sorted(res["samples"][name], key=lambda s: s["doc_id"])
         results = res["results"][name]
-        out[task.name] = {
+        return {
             "metrics": {k.split(",")[0]: v for k, v in results.items() if "," in k and "_stderr" not in k},
             "stderr": {k.split(",")[0].replace("_stderr", ""): v for k, v in results.items() if "_stderr," in k},
-            "seconds": c.wall, "cpu_seconds": c.cpu, "scoring_seconds": spent["wall"],
-            "scoring_cpu_seconds": spent["cpu"],
+            "seconds": c.wall, "cpu_seconds": c.cpu, "scoring_seconds": self.spent["wall"],
+            "scoring_cpu_seconds": self.spent["cpu"],
             "loglikelihoods": [[float(r[0]) for r in s["filtered_resps"]] for s in samples],
             "greedy": [[bool(r[1]) for r in s["filtered_resps"]] for s in samples],
-            "version": lm_eval.__version__,
+            "version": self.lm_eval.__version__,
         }
-        print(f"lm-eval {task.name}: {c.wall:.1f} s ({spent['wall']:.1f} s scoring)", flush=True)
-    return out
 
 
 def compare(task: Any, ours: Any, theirs: dict[str, Any]) -> dict[str, Any]:
@@ -144,66 +148,71 @@ def main() -> None:
     if a.tokenizer_from:
         tok = load_any(a.tokenizer_from)[1]
     tasks = load_tasks([a.tasks], a.limit)
-    ours, wall, cpu = {}, {}, {}
-    for task in tasks:  # one call per task: its time includes tokenization, as lm-eval's scoring phase does
-        with Clock() as c:
-            ours.update(evaluate_tasks({"m": model}, tok, [task], progress=False,
-                                       max_tokens=a.max_tokens or MAX_TOKENS)["m"])
-        wall[task.name], cpu[task.name] = c.wall, c.cpu
-        print(f"lowbit {task.name}: {c.wall:.1f} s", flush=True)
-    ours_wall = sum(wall.values())
     report: dict[str, Any] = {
         "model": a.model, "backend": backend, "limit": a.limit, "threads": a.threads,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "load_avg_start": os.getloadavg()},
-        "lowbit_wall_seconds": ours_wall, "tasks": {},
+        "tasks": {},
     }
-    theirs: dict[str, Any] = {}
-    if not a.no_lm_eval:
-        with tempfile.TemporaryDirectory() as tmp:
-            theirs = lm_eval_side(model, tok, tasks, Path(tmp))
-        report["lm_eval_version"] = next(iter(theirs.values()))["version"]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory()
+    side = None if a.no_lm_eval else LmEvalSide(model, tok, tasks, Path(tmp.name))
     rows = []
-    for task in tasks:
-        r = ours[task.name]
+    for task in tasks:  # interleaved, so that changing contention from other jobs hits both sides alike
+        with Clock() as c:  # one call per task: its time includes tokenization, as lm-eval's scoring phase does
+            r = evaluate_tasks({"m": model}, tok, [task], progress=False,
+                               max_tokens=a.max_tokens or MAX_TOKENS)["m"][task.name]
+        print(f"lowbit {task.name}: {c.wall:.1f} s", flush=True)
         summary = {k: v for k, v in r.to_dict().items() if k not in ("loglikelihoods", "gold")}
-        entry: dict[str, Any] = {"source": task.source, "lowbit_wall_seconds": wall[task.name],
-                                 "lowbit_cpu_seconds": cpu[task.name], "lowbit": summary}
-        if theirs:
-            th = theirs[task.name]
+        entry: dict[str, Any] = {"source": task.source, "lowbit_wall_seconds": c.wall, "lowbit_cpu_seconds": c.cpu,
+                                 "lowbit": summary}
+        if side is not None:
+            th = side.run(task)
+            report["lm_eval_version"] = th["version"]
             entry["lm_eval"] = {k: v for k, v in th.items() if k not in ("loglikelihoods", "greedy", "version")}
             entry["parity"] = compare(task, r, th)
-            entry["speedup"] = {"wall": th["seconds"] / wall[task.name],
-                                "wall_scoring": th["scoring_seconds"] / wall[task.name],
-                                "cpu_scoring": th["scoring_cpu_seconds"] / cpu[task.name]}
+            entry["speedup"] = {"wall": th["seconds"] / c.wall, "wall_scoring": th["scoring_seconds"] / c.wall,
+                                "cpu_scoring": th["scoring_cpu_seconds"] / c.cpu}
             p, x = entry["parity"], entry["speedup"]
             rows.append(f"{task.name:15s} docs {r.n_docs:4d}  same {p['same_prediction'] * 100:6.2f}%  "
                         f"same_norm {p['same_prediction_norm'] * 100:6.2f}%  max|dll| {p['max_abs_dll']:.2e}  "
                         f"Δ(points) {json.dumps({k: round(v, 3) for k, v in p['metric_diff_points'].items()})}  "
-                        f"lowbit {wall[task.name]:6.1f} s  lm-eval {th['seconds']:6.1f} s (scoring "
+                        f"lowbit {c.wall:6.1f} s  lm-eval {th['seconds']:6.1f} s (scoring "
                         f"{th['scoring_seconds']:.1f} s)  x{x['wall']:.2f} / scoring x{x['wall_scoring']:.2f} / "
                         f"scoring cpu x{x['cpu_scoring']:.2f}")
         else:
-            rows.append(f"{task.name:15s} docs {r.n_docs:4d}  {r.metrics}  lowbit {wall[task.name]:6.1f} s  "
-                        f"tokens {r.tokens} of {r.tokens_unshared}")
+            rows.append(f"{task.name:15s} docs {r.n_docs:4d}  {r.metrics}  lowbit {c.wall:6.1f} s  "
+                        f"(cpu {c.cpu:.1f} s)  tokens {r.tokens} of {r.tokens_unshared}")
+        print(rows[-1], flush=True)
         report["tasks"][task.name] = entry
-    if theirs:
-        total = {k: sum(t[k] for t in theirs.values()) for k in ("seconds", "scoring_seconds", "scoring_cpu_seconds")}
-        ours_cpu = sum(cpu.values())
-        report["lm_eval_seconds"] = total
-        report["lowbit_cpu_seconds"] = ours_cpu
-        report["speedup_total"] = {"wall": total["seconds"] / ours_wall,
-                                   "wall_scoring": total["scoring_seconds"] / ours_wall,
-                                   "cpu_scoring": total["scoring_cpu_seconds"] / ours_cpu}
-        rows.append(f"total: lowbit {ours_wall:.1f} s (cpu {ours_cpu:.1f}), lm-eval {total['seconds']:.1f} s "
-                    f"(scoring {total['scoring_seconds']:.1f} s, cpu {total['scoring_cpu_seconds']:.1f}); "
-                    f"{json.dumps({k: round(v, 2) for k, v in report['speedup_total'].items()})}")
-    report["load_avg_end"] = os.getloadavg()
-    print("\n".join(rows))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(report, indent=1, default=lambda o: float(o) if isinstance(o, np.floating)
-                                      else str(o)) + "\n")
+        _totals(report)
+        out.write_text(json.dumps(report, indent=1, default=_plain) + "\n")  # after every task: partial results
+    tmp.cleanup()
+    print("\n".join(rows + [report["total_line"]]))
 
+
+def _plain(o: Any) -> Any:
+    return float(o) if isinstance(o, np.floating) else str(o)
+
+
+def _totals(report: dict[str, Any]) -> None:
+    """Sums over the tasks done so far; the speed-ups of the totals."""
+    tasks = report["tasks"].values()
+    ours = {"wall": sum(t["lowbit_wall_seconds"] for t in tasks), "cpu": sum(t["lowbit_cpu_seconds"] for t in tasks)}
+    report["lowbit_seconds"] = ours
+    report["load_avg_end"] = os.getloadavg()
+    line = f"total: lowbit {ours['wall']:.1f} s (cpu {ours['cpu']:.1f} s)"
+    if all("lm_eval" in t for t in tasks):
+        theirs = {k: sum(t["lm_eval"][k] for t in tasks) for k in ("seconds", "scoring_seconds", "scoring_cpu_seconds")}
+        report["lm_eval_seconds"] = theirs
+        report["speedup_total"] = {"wall": theirs["seconds"] / ours["wall"],
+                                   "wall_scoring": theirs["scoring_seconds"] / ours["wall"],
+                                   "cpu_scoring": theirs["scoring_cpu_seconds"] / ours["cpu"]}
+        line += (f", lm-eval {theirs['seconds']:.1f} s (scoring {theirs['scoring_seconds']:.1f} s, cpu "
+                 f"{theirs['scoring_cpu_seconds']:.1f} s); speed-up "
+                 f"{json.dumps({k: round(v, 2) for k, v in report['speedup_total'].items()})}")
+    report["total_line"] = line
 
 if __name__ == "__main__":
     main()

@@ -199,3 +199,21 @@ def test_llamacpp_gguf_reuses_the_shared_prefix(tmp_path, files):  # type: ignor
         assert np.allclose(np.concatenate(r.loglikelihoods), plain, atol=1e-3, rtol=0), name
         assert np.allclose(plain, np.concatenate(res["hf"][name].loglikelihoods), atol=2e-2, rtol=0), name
     gguf.close()
+
+
+@pytest.mark.slow
+def test_smollm2_packed_equals_one_forward_per_request() -> None:
+    """SmolLM2-135M on the first documents of the shared data files: prefix-shared packs give lm-eval's
+    one-forward-per-request log-likelihoods (float32 reassociation only) and the same answers."""
+    from lowbit.models.loader import load_model
+
+    lm = load_model("smollm2-135m")
+    tasks = load_tasks(["hellaswag", "arc_easy", "piqa", "winogrande"], limit=12)
+    enc = Encoder(lm.tokenizer, 8192)
+    for task in tasks:
+        reqs = [enc.encode(c, x) for d in task.docs for c, x in d.requests]
+        with torch.inference_mode():
+            packed = PackedScorer(lm.model).score(reqs)
+            plain = PlainScorer(lm.model).score(reqs)
+        assert max(abs(a[0] - b[0]) for a, b in zip(packed, plain, strict=True)) < ATOL, task.name
+        assert [a[1] for a in packed] == [b[1] for b in plain]
