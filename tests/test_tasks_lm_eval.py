@@ -110,3 +110,26 @@ def test_gguf_through_llamacpp_runs_in_lm_eval(setup: dict[str, Any], tmp_path: 
             assert ours[task.name].loglikelihoods[d] == pytest.approx([float(r[0]) for r in s["filtered_resps"]],
                                                                       abs=1e-3)
     gguf.close()
+
+
+def test_quantized_artifact_through_lm_eval(setup: dict[str, Any], tmp_path: Path) -> None:
+    """A lowbit W4A16 artifact loaded back from disk (lowbit's runtime linears) scores the same in lowbit and in
+    lm-eval's HFLM (which re-ties the weights of the instance it is handed)."""
+    from lowbit.jobs import load_artifact
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    out = tmp_path / "w4"
+    assert main(["--no-progress", "quantize", str(setup["dir"]), "--scheme", "W4A16", "--group-size", "32",
+                 "--calib", str(corpus), "--calib-samples", "2", "--calib-len", "16", "-o", str(out)]) == 0
+    model = load_artifact(out)
+    tasks = setup["tasks"][:3]
+    ours = evaluate_tasks({"q": model}, setup["tok"], tasks, progress=False)["q"]
+    res = run_lm_eval(model, setup["tok"], [f"lowbit_{t.name}" for t in tasks], include_path=setup["yaml"],
+                      log_samples=True)
+    for task in tasks:
+        samples = sorted(res["samples"][f"lowbit_{task.name}"], key=lambda s: s["doc_id"])
+        for d, s in enumerate(samples):
+            assert ours[task.name].loglikelihoods[d] == pytest.approx([float(r[0]) for r in s["filtered_resps"]],
+                                                                      abs=1e-3)
+        assert ours[task.name].metrics["acc"] == res["results"][f"lowbit_{task.name}"]["acc,none"]
