@@ -71,6 +71,10 @@ def check_eval_inputs(a: argparse.Namespace) -> None:
     if a.ctx is not None and a.protocol == "llamacpp" and a.ctx % 2:
         raise LowbitError(f"--ctx {a.ctx}: the llamacpp protocol scores the second half of each window; use an "
                           "even window")
+    if a.limit is not None and not (a.tasks or a.lm_eval):
+        raise LowbitError("--limit goes with --tasks or --lm-eval (the first N documents of each task)")
+    if a.lm_eval_include and not a.lm_eval:
+        raise LowbitError("--lm-eval-include goes with --lm-eval (the task YAMLs it may name)")
     if a.json:
         from lowbit.core.io import check_output_file
 

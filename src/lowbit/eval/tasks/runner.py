@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowbit.core.errors import LowbitError
+from lowbit.eval.llamacpp import LlamaCppLogits
 from lowbit.eval.tasks.base import TaskData
 from lowbit.eval.tasks.encode import Encoder, TokenRequest, max_length_of
 from lowbit.eval.tasks.metrics import BOOTSTRAP_ITERS, aggregate, choose
@@ -115,6 +116,21 @@ def _compare(res: TaskResult, ref: TaskResult, reference: str) -> None:
     res.agreement = same / max(1, res.n_docs)
 
 
+def _max_length(model: Any, tokenizer: Any) -> int:
+    """The longest model input: llama.cpp's context, else lm-eval's ``resolve_max_length``."""
+    if isinstance(model, LlamaCppLogits):
+        return model.ctx
+    return max_length_of(getattr(model, "config", None), tokenizer)
+
+
+def _vocab_size(model: Any) -> int:
+    """Rows of the model's logits (262144, the largest in use, when the model does not say)."""
+    if isinstance(model, LlamaCppLogits):
+        return model.n_vocab
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else 262_144
+
+
 def evaluate_tasks(
     models: Mapping[str, Any],
     tokenizer: Any,
@@ -139,10 +155,8 @@ def evaluate_tasks(
     if reference is not None and reference not in models:
         raise LowbitError(f"reference {reference!r} is not among the models {list(models)}; name one of them")
     loaded = load_tasks(tasks, limit)
-    max_len = min(max_length_of(getattr(m, "config", None), tokenizer) for m in models.values())
-    encoder = Encoder(tokenizer, max_len)
-    vocab = max(int(getattr(getattr(m, "config", None), "vocab_size", 0) or getattr(m, "n_vocab", 0) or 0)
-                for m in models.values()) or 262_144
+    encoder = Encoder(tokenizer, min(_max_length(m, tokenizer) for m in models.values()))
+    vocab = max(_vocab_size(m) for m in models.values())
     results: dict[str, dict[str, TaskResult]] = {name: {} for name in models}
 
     import torch

@@ -81,21 +81,35 @@ def _device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def _is_hf(model: Any) -> bool:
+    """A Hugging Face causal LM (an ``nn.Module`` with a config), as every artifact transformers loads."""
+    return isinstance(model, torch.nn.Module) and hasattr(model, "config")
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    return _is_hf(model) and "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 class PlainScorer:
-    """One forward per request (lm-eval's ``HFLM`` at batch size 1), logits rows for the targets only."""
+    """One forward per request (lm-eval's ``HFLM`` at batch size 1); an HF model forms logits only at the
+    target positions (``logits_to_keep``: the same rows, without the rest of the ``lm_head`` product)."""
 
     name = "plain"
 
-    def __init__(self, model: Callable[[torch.Tensor], Any]) -> None:
+    def __init__(self, model: Callable[..., Any]) -> None:
         self.model = model
         self.device = _device(model)
+        self.keep_arg = _takes_logits_to_keep(model)
         self.tokens = 0
 
     def score(self, requests: Sequence[TokenRequest]) -> list[Score]:
         out = []
         for req in requests:
             ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
-            logits = _forward_logits(self.model, ids)[0, -len(req.targets):]
+            if self.keep_arg:
+                logits = self.model(ids, use_cache=False, logits_to_keep=len(req.targets)).logits[0]
+            else:
+                logits = _forward_logits(self.model, ids)[0, -len(req.targets):]
             self.tokens += len(req.input_ids)
             rows = torch.arange(len(req.targets))
             out += score_rows(logits.cpu(), [rows], [torch.tensor(req.targets)])
@@ -111,11 +125,14 @@ class PackedScorer:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.device = _device(model)
-        self.dtype = getattr(model, "dtype", None) or torch.float32
+        get_emb = getattr(model, "get_input_embeddings", None)
+        weight = getattr(get_emb() if callable(get_emb) else None, "weight", None)
+        # the mask is added to attention scores, which have the activations' dtype (the embeddings')
+        self.dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
         cfg = model.config
         window = getattr(getattr(cfg, "text_config", None) or cfg, "sliding_window", None)
         self.window = window if isinstance(window, int) and window > 0 else None
-        self.keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keep_arg = _takes_logits_to_keep(model)
         self.plain = PlainScorer(model)
         self.packed_tokens = 0
 
@@ -182,7 +199,6 @@ def make_scorer(model: Any, packed: bool = True) -> Scorer:
     """The fastest exact scorer for ``model`` (packed for Hugging Face causal LMs unless ``packed`` is off)."""
     if isinstance(model, LlamaCppLogits):
         return LlamaCppScorer(model)
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if packed and isinstance(model, torch.nn.Module) and hasattr(model, "config") and attn in ("sdpa", "eager"):
+    if packed and _is_hf(model) and getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
         return PackedScorer(model)
     return PlainScorer(model)
