@@ -105,6 +105,8 @@ def test_task_names_and_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         load_task("piqa", tmp_path / "missing.jsonl")
     assert main(["eval", "smollm2-135m", "--tasks", "mmlu"]) == 2
     assert "unknown task 'mmlu'" in capsys.readouterr().err
+    assert main(["eval", "smollm2-135m", "--limit", "5"]) == 2
+    assert "--limit goes with --tasks" in capsys.readouterr().err
 
 
 @pytest.fixture
