@@ -7,6 +7,7 @@ The Python API::
     res = lowbit.quantize("qwen2.5-coder-0.5b", recipe, "out/qwen-w4")
     model, tokenizer = lowbit.load("out/qwen-w4")
     results = lowbit.evaluate("out/qwen-w4", reference="qwen2.5-coder-0.5b")
+    acc = lowbit.evaluate_tasks({"w4": model}, tokenizer, ["arc_easy", "hellaswag"], limit=500)  # lm-eval scoring
 
 Layers import one way only: ``core``, ``models`` and ``data`` at the bottom; ``methods`` and
 ``formats`` above them (siblings that never import each other); ``pipeline`` above those;
@@ -24,6 +25,7 @@ _API = {
     "quantize": ("lowbit.jobs.quantization", "quantize"),
     "load": ("lowbit.jobs.artifacts", "load"),
     "evaluate": ("lowbit.jobs.evaluate", "evaluate_artifact"),
+    "evaluate_tasks": ("lowbit.eval.tasks", "evaluate_tasks"),
     "Recipe": ("lowbit.recipe.schema", "Recipe"),
     "Engine": ("lowbit.pipeline.engine", "Engine"),
     "lookup_scheme": ("lowbit.core.presets", "lookup_scheme"),

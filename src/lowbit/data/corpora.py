@@ -72,6 +72,12 @@ def _find(rel: Path) -> Path | None:
     return None
 
 
+def find_data_file(rel: str | Path) -> Path | None:
+    """Where the data file ``rel`` (relative to a data folder, e.g. ``arc/arc_easy.jsonl``) is found
+    under ``LOWBIT_DATA`` or the default data roots, or None."""
+    return _find(Path(rel))
+
+
 def find_wikitext2_test() -> Path | None:
     """Where wiki.test.raw is found without an explicit path (no hash check), or None."""
     return _find(WIKITEXT2_TEST_REL)

@@ -19,6 +19,7 @@ import logging
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,31 @@ class LlamaCppLogits:
         self.llm.eval(tokens)
         logits = torch.from_numpy(self.llm.scores[:n].copy())  # (T, V) float32
         return logits.unsqueeze(0)
+
+    def tail_logits(self, ids: Sequence[int], n: int) -> tuple[torch.Tensor, int]:
+        """(logits ``(n, V)`` float32 at the last ``n`` positions of ``ids``, tokens evaluated).
+
+        Unlike ``__call__`` the KV cache is kept: the longest prefix ``ids`` shares with the tokens in
+        the cache (llama.cpp's ``n_past``) is not evaluated again, and its rows of ``scores`` (from
+        ``logits_all``) are reused. Callers that sort their sequences evaluate a shared context once.
+        """
+        ids = [int(t) for t in ids]
+        if len(ids) > self.ctx:
+            raise LowbitError(f"sequence of {len(ids)} tokens exceeds the llama.cpp context {self.ctx}; "
+                              f"load it with ctx >= {len(ids)}")
+        if ids and (min(ids) < 0 or max(ids) >= self.n_vocab):
+            raise LowbitError(f"token id {max(ids)} is outside {self.path.name}'s vocabulary of {self.n_vocab}; "
+                              "evaluate with a tokenizer that matches the GGUF (e.g. its reference model's)")
+        cached = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        keep = 0
+        for a, b in zip(cached, ids, strict=False):
+            if a != b:
+                break
+            keep += 1
+        self.llm.n_tokens = keep  # the next eval drops the cache beyond keep and appends from there
+        self.llm.eval(ids[keep:])
+        rows = self.llm.scores[len(ids) - n : len(ids)]
+        return torch.from_numpy(rows.copy()), len(ids) - keep
 
     def speed(self, n_prompt: int = 512, n_gen: int = 128, reps: int = 3) -> Speed:
         """Tokens/s of this GGUF on a fresh llama.cpp context without ``logits_all`` (as served)."""
