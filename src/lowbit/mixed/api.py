@@ -107,7 +107,7 @@ def gguf_overhead(folder: str | Path) -> int:
 def plan(model: Any, budget: Budget | str | float, family: str = "int", *, method: str = "gptq",
          candidates: list[str] | None = None, sens: Sensitivity | str | Path | None = None,
          imatrix: Imatrix | str | Path | None = None, calib: str | None = None, samples: int = 8,
-         length: int = 512, progress: bool = True) -> Allocation:
+         length: int = 512, scale_bytes: int = 2, progress: bool = True) -> Allocation:
     """The allocation of ``budget`` on ``model``: from a sensitivity file when given, else measured now."""
     b = budget if isinstance(budget, Budget) else parse_budget(budget)
     if isinstance(sens, (str, Path)):
@@ -118,7 +118,7 @@ def plan(model: Any, budget: Budget | str | float, family: str = "int", *, metho
     if sens is None:
         lm = _load(model)
         cfg = SensitivityConfig(family=family, candidates=tuple(candidates) if candidates else None,
-                                method=method, calib=calib, samples=samples, length=length)
+                                method=method, calib=calib, samples=samples, length=length, scale_bytes=scale_bytes)
         sens = sensitivity(lm, cfg, imatrix=imatrix, progress=progress)
     overhead = 0
     if family == "gguf":
