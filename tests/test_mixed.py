@@ -167,3 +167,178 @@ def test_single_tensor_kld_equals_a_plain_forward(tmp_path: Path) -> None:
         assert got > 0
         assert got == pytest.approx(direct(module, w2), rel=1e-4), module
         assert meas.kld(module, w) == pytest.approx(0.0, abs=1e-7)
+
+
+def _llama(path: Path, **kw):  # type: ignore[no-untyped-def]
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:  # CI installs it: a missing client is a failure, not a skip
+        raise AssertionError("llama-cpp-python is required for the GGUF tests (see .ci/run)") from e
+    return Llama(model_path=str(path), verbose=False, n_threads=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def kq_folder(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    """A tiny Qwen2 whose hidden rows (256) take K-quants and whose MLP rows (320) take only 32-blocks."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("mix") / "hf", "qwen2", hidden_size=256,
+                               intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2)
+
+
+def test_stock_type_map_writes_the_stock_tensors(tmp_path: Path, kq_folder: Path) -> None:
+    """A type map equal to llama.cpp's own Q4_K_M mix writes the same tensors, byte for byte."""
+    from lowbit.formats.gguf.writer import write_gguf
+
+    stock = write_gguf(kq_folder, tmp_path / "stock.gguf", "Q4_K_M")
+    mixed = write_gguf(kq_folder, tmp_path / "mix.gguf", "MIX",
+                       types={n: t for n, t in stock.types.items() if t != "F32"})
+    a = {t.name: (t.tensor_type, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(stock.path).tensors}
+    b = {t.name: (t.tensor_type, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(mixed.path).tensors}
+    assert list(a) == list(b) and a == b
+
+
+def test_mixed_types_are_ggml_bytes_and_llama_cpp_runs_them(tmp_path: Path, kq_folder: Path) -> None:
+    """Every tensor of a per-tensor mix holds what ggml_quantize_chunk writes for its type (with the
+    imatrix), and llama.cpp loads the file and predicts like the float model (the same top-1 on most
+    positions, a small KL divergence: the mix is 5-8 bits)."""
+    from gguf_ref import ggml_quantize_ref
+
+    from lowbit.formats.gguf.imatrix import Imatrix
+    from lowbit.formats.gguf.writer import write_gguf
+
+    f32 = write_gguf(kq_folder, tmp_path / "f32.gguf", "F32")
+    src = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1, int(t.shape[0]))
+           for t in gguf.GGUFReader(f32.path).tensors}
+    cycle = ["Q5_K", "Q6_K", "Q8_0", "Q5_1", "Q5_0"]
+    types, i = {}, 0
+    for n in src:
+        if n.endswith("norm.weight") or src[n].shape[0] == 1:
+            continue
+        cands = [t for t in cycle if src[n].shape[1] % gguf.GGML_QUANT_SIZES[Q[t]][0] == 0]
+        types[n] = cands[i % len(cands)]
+        i += 1
+    rng = np.random.default_rng(0)
+    im = Imatrix(datasets=["random"], chunk_count=1, chunk_size=8)
+    for n in types:
+        im.sums[n] = (rng.random((1, src[n].shape[1])) * 8).astype(np.float32)
+        im.counts[n] = np.array([8.0], dtype=np.float32)
+    rep = write_gguf(kq_folder, tmp_path / "mix.gguf", "MIX", imatrix=im, types=types)
+    got = {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(rep.path).tensors}
+    assert {n: t for n, (t, _) in got.items() if n in types} == types
+    assert len(set(types.values())) == len(cycle)
+    for n, t in types.items():
+        w = None if t == "Q8_0" else im.weights(n)
+        assert got[n][1] == ggml_quantize_ref(src[n], Q[t], w).tobytes(), n
+    ids = [1, 5, 9, 33, 77, 120, 200, 31, 64, 250, 17, 3]
+    lp = []
+    for path in (f32.path, rep.path):
+        llm = _llama(path, n_ctx=64, logits_all=True)
+        llm.eval(ids)
+        lp.append(torch.log_softmax(torch.tensor(np.asarray(llm.scores[: len(ids)])), -1))
+    kld = float((lp[0].exp() * (lp[0] - lp[1])).sum(-1).mean())
+    assert 0 < kld < 0.05
+    assert (lp[0].argmax(-1) == lp[1].argmax(-1)).float().mean() >= 0.75
+
+
+def test_type_map_errors_name_the_tensor(tmp_path: Path, kq_folder: Path) -> None:
+    from lowbit.formats.gguf.writer import write_gguf
+
+    stock = write_gguf(kq_folder, tmp_path / "stock.gguf", "Q8_0")
+    types = {n: t for n, t in stock.types.items() if t != "F32"}
+    bad = {**types, "blk.0.ffn_down.weight": "Q4_K"}  # 320-wide rows: K-quants need 256-multiples
+    with pytest.raises(LowbitError, match="blk.0.ffn_down.weight: Q4_K needs rows of a multiple of 256"):
+        write_gguf(kq_folder, tmp_path / "x.gguf", "MIX", types=bad)
+    with pytest.raises(LowbitError, match="gives no type for blk.0.attn_q.weight"):
+        write_gguf(kq_folder, tmp_path / "x.gguf", "MIX", types={k: v for k, v in types.items()
+                                                                    if k != "blk.0.attn_q.weight"})
+    with pytest.raises(LowbitError, match="does not have: blk.9.attn_q.weight"):
+        write_gguf(kq_folder, tmp_path / "x.gguf", "MIX", types={**types, "blk.9.attn_q.weight": "Q8_0"})
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def _artifact_quant_bytes(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():  # noqa: SIM118
+                if k.rsplit(".", 1)[-1] in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"):
+                    t = h.get_tensor(k)
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def test_int_allocation_to_recipe_to_artifact(tmp_path: Path, kq_folder: Path) -> None:
+    """GPTQ sensitivity -> allocation under a budget -> recipe with overrides -> artifact whose quantized tensors
+    take exactly the bytes the allocation counted; fused groups share a scheme; more budget, less loss."""
+    import lowbit
+    from lowbit.methods.gptq import GPTQConfig
+    from lowbit.mixed import Budget, SensitivityConfig, allocate_from, sensitivity
+    from lowbit.recipe.schema import Calibration, Recipe
+
+    cfg = SensitivityConfig(family="int", method="gptq", candidates=("W3", "W4", "W4g32", "W8c"), samples=2,
+                            length=32)
+    sens = sensitivity(str(kq_folder), cfg, progress=False)
+    down = next(t for t in sens.tensors if t.name.endswith("down_proj"))
+    assert "W3g128" not in sens.cost[down.name] and "W4g32" in sens.cost[down.name]  # 320 columns
+    low, high = allocate_from(sens, Budget(bpw=4.2)), allocate_from(sens, Budget(bpw=6.5))
+    assert low.bits_per_weight <= 4.2 and high.bits_per_weight <= 6.5
+    assert high.predicted < low.predicted
+    for a in (low, high):
+        for t in sens.tensors:
+            mates = [u for u in sens.tensors if u.unit == t.unit]
+            assert {a.choice[u.name] for u in mates} == {a.choice[t.name]}
+    base = Recipe(low.recipe().scheme, GPTQConfig(), Calibration(samples=2, length=32))
+    recipe = low.recipe(base)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
+    res = lowbit.quantize(str(kq_folder), recipe, tmp_path / "out")
+    assert _artifact_quant_bytes(tmp_path / "out") == low.tensor_bytes
+    model, _ = lowbit.load(tmp_path / "out")
+    schemes = {n: m.scheme for n, m in model.named_modules() if hasattr(m, "scheme")}
+    for t in sens.tensors:
+        assert schemes[t.module] == sens.candidate(low.choice[t.name]).scheme, t.name
+    assert res.n_linears == len(sens.tensors)
+
+
+def test_cli_gguf_bpw_and_replay(tmp_path: Path, kq_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    """`lowbit gguf --bpw` writes a file within the budget (its own bits per weight), lists every tensor's type,
+    leaves a type map that replays to the same bytes, and llama.cpp runs the file."""
+    from lowbit.cli import main
+
+    out = tmp_path / "mix.gguf"
+    args = ["--no-progress", "gguf", str(kq_folder), "--bpw", "6.0", "--sens-samples", "2", "--sens-len", "32",
+            "-o", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "per-tensor choice" in text and "ffn_down" in text
+    size = out.stat().st_size
+    n = sum(int(np.prod(t.shape)) for t in gguf.GGUFReader(out).tensors)
+    assert 8 * size / n <= 6.0
+    assert main(["--no-progress", "gguf", str(kq_folder), "--types", str(out) + ".types.json",
+                 "-o", str(tmp_path / "again.gguf")]) == 0
+    assert (tmp_path / "again.gguf").read_bytes() == out.read_bytes()
+    llm = _llama(out, n_ctx=32)
+    llm.eval([1, 5, 9, 33])
+    assert np.isfinite(np.asarray(llm.scores[:4])).all()
+    assert main(["gguf", str(kq_folder), "--bpw", "6", "--type", "Q4_K_M", "-o", str(tmp_path / "y.gguf")]) == 2
+
+
+def test_cli_sensitivity_measures_and_plots(tmp_path: Path, kq_folder: Path) -> None:
+    import json
+
+    from lowbit.cli import main
+
+    out = tmp_path / "s.json"
+    assert main(["--no-progress", "sensitivity", str(kq_folder), "--candidates", "Q4_0,Q8_0", "--calib-samples", "2",
+                 "--calib-len", "32", "--measure", "1", "--measure-tensors", r"blk\.1\.", "--plot",
+                 str(tmp_path / "c.png"), "-o", str(out)]) == 0
+    d = json.loads(out.read_text())
+    measured = [t for t in d["tensors"] if "measured" in t]
+    assert measured and all(t["name"].startswith("blk.1.") for t in measured)
+    assert d["rank_agreement"]["pairs"] == 2 * len(measured)
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    from lowbit.mixed import Sensitivity
+
+    s = Sensitivity.load(out)
+    assert s.cost == {t["name"]: t["cost"] for t in d["tensors"]}

@@ -26,6 +26,7 @@ def add_budget_flags(p: argparse.ArgumentParser, family: str) -> None:
         "GGUF types, e.g. Q3_K,Q4_K,Q5_K,Q6_K,Q4_0,Q5_0,Q8_0" if family == "gguf" else
         "schemes, e.g. W3,W4,W4g32,W8c (W4 = 4 bits group 128 symmetric, a suffix = asymmetric)"))
     m.add_argument("--sens-samples", type=int, default=8, help="calibration sequences of the sensitivity pass")
+    m.add_argument("--sens-len", type=int, default=512, help="tokens per sequence of the sensitivity pass")
     if family == "gguf":
         m.add_argument("--types", default=None, metavar="FILE",
                        help="a per-tensor type map (JSON; --bpw writes one beside the file) to replay or edit")
@@ -57,10 +58,10 @@ def allocate_args(a: argparse.Namespace, family: str, budget: Any, *, method: st
 
     cands = a.candidates.split(",") if a.candidates else None
     parse_candidates(cands, family)
-    if a.sens_samples < 1:
-        raise LowbitError("--sens-samples must be >= 1")
+    if a.sens_samples < 1 or a.sens_len < 2:
+        raise LowbitError("--sens-samples must be >= 1 and --sens-len >= 2")
     return plan(a.model, budget, family, method=method, candidates=cands, sens=a.sensitivity, imatrix=imatrix,
-                calib=calib, samples=a.sens_samples, scale_bytes=scale_bytes, progress=not a.no_progress)
+                calib=calib, samples=a.sens_samples, length=a.sens_len, scale_bytes=scale_bytes, progress=not a.no_progress)
 
 
 def read_types(path: str) -> dict[str, str]:
