@@ -202,7 +202,6 @@ def test_mixed_types_are_ggml_bytes_and_llama_cpp_runs_them(tmp_path: Path, kq_f
     imatrix), and llama.cpp loads the file and predicts like the float model (the same top-1 on most
     positions, a small KL divergence: the mix is 5-8 bits)."""
     from gguf_ref import ggml_quantize_ref
-
     from lowbit.formats.gguf.imatrix import Imatrix
     from lowbit.formats.gguf.writer import write_gguf
 

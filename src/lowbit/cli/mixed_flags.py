@@ -61,7 +61,8 @@ def allocate_args(a: argparse.Namespace, family: str, budget: Any, *, method: st
     if a.sens_samples < 1 or a.sens_len < 2:
         raise LowbitError("--sens-samples must be >= 1 and --sens-len >= 2")
     return plan(a.model, budget, family, method=method, candidates=cands, sens=a.sensitivity, imatrix=imatrix,
-                calib=calib, samples=a.sens_samples, length=a.sens_len, scale_bytes=scale_bytes, progress=not a.no_progress)
+                calib=calib, samples=a.sens_samples, length=a.sens_len, scale_bytes=scale_bytes,
+                progress=not a.no_progress)
 
 
 def read_types(path: str) -> dict[str, str]:
