@@ -341,3 +341,16 @@ def test_cli_sensitivity_measures_and_plots(tmp_path: Path, kq_folder: Path) -> 
 
     s = Sensitivity.load(out)
     assert s.cost == {t["name"]: t["cost"] for t in d["tensors"]}
+
+
+def test_gguf_overhead_bounds_the_metadata(tmp_path: Path, kq_folder: Path) -> None:
+    """The metadata counted against a GGUF budget is at least what a file holds beside its tensor data, and
+    over-counts by less than the alignment allowance (32 bytes a tensor)."""
+    from lowbit.formats.gguf.writer import write_gguf
+    from lowbit.mixed.api import gguf_overhead
+
+    rep = write_gguf(kq_folder, tmp_path / "q.gguf", "Q4_K_M")
+    data = sum(int(t.n_bytes) for t in gguf.GGUFReader(rep.path).tensors)
+    actual = rep.size_bytes - data
+    bound = gguf_overhead(kq_folder)
+    assert actual <= bound < actual + 32 * len(rep.types)
