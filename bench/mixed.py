@@ -52,23 +52,30 @@ def machine() -> dict[str, Any]:
             "load_avg_at_end": os.getloadavg()}
 
 
+def gptq_config(a: argparse.Namespace) -> Any:
+    from lowbit.methods.gptq import GPTQConfig
+
+    return GPTQConfig(asym_alpha=a.gptq_alpha, true_sequential=not a.no_true_sequential)
+
+
 def sens_part(name: str, a: argparse.Namespace, out: Path) -> dict[str, Any]:
     from lowbit.mixed import SensitivityConfig, sensitivity
     from lowbit.mixed.plot import plot_costs
 
     res: dict[str, Any] = {}
     stride = f"(?:{'|'.join(str(i) for i in range(0, 64, a.sens_stride))})"
-    for family, cands, meas, pattern in (
-            ("gguf", None, a.sens_candidates, rf"^(token_embd|output)\.|^blk\.{stride}\."),
-            ("int", CT_CANDIDATES, a.ct_sens_candidates, rf"^model\.layers\.{stride}\.")):
+    todo = {"gguf": (None, a.sens_candidates, rf"^(token_embd|output)\.|^blk\.{stride}\."),
+            "int": (CT_CANDIDATES, a.ct_sens_candidates, rf"^model\.layers\.{stride}\.")}
+    for family in a.sens_families:
+        cands, meas, pattern = todo[family]
         cfg = SensitivityConfig(family=family, candidates=cands, method="gptq" if family == "int" else "rtn",
-                                samples=a.sens_samples, length=512)
+                                samples=a.sens_samples, length=512, gptq=gptq_config(a))
         t0 = time.perf_counter()
         s = sensitivity(name, cfg, measure_windows=a.sens_windows, measure_candidates=meas.split(","),
-                        measure_tensors=pattern, progress=False)
-        path = out / f"sens_{family}_{name}.json"
+                        measure_tensors=pattern, progress=False, device=a.device)
+        path = out / f"sens_{family}_{Path(name).name}.json"
         s.save(path)
-        plot_costs(s, out / f"sens_{family}_{name}.png")
+        plot_costs(s, out / f"sens_{family}_{Path(name).name}.png")
         d = s.to_dict()
         res[family] = {"file": path.name, "seconds": s.meta["seconds"], "rank_agreement": d["rank_agreement"],
                        "wall": time.perf_counter() - t0}
@@ -152,7 +159,6 @@ def _gguf_values(path: Path) -> int:
 
 def ct_part(name: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
     from lowbit.jobs import evaluate_models, load_artifact, quantize
-    from lowbit.methods.gptq import GPTQConfig
     from lowbit.mixed import Budget, Sensitivity, SensitivityConfig, allocate_from, sensitivity
     from lowbit.mixed.candidates import parse_candidate
     from lowbit.models.loader import load_model
@@ -160,15 +166,15 @@ def ct_part(name: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
     from lowbit.recipe import Calibration, Recipe
 
     work.mkdir(parents=True, exist_ok=True)
-    gcfg = GPTQConfig(asym_alpha=a.gptq_alpha, true_sequential=not a.no_true_sequential)
+    gcfg = gptq_config(a)
     cal = Calibration("c4", a.calib_samples, 512, 0)
-    sens_path = work / "sens_int.json"
+    sens_path = Path(a.out) / f"sens_int_{Path(name).name}.json"  # the sens part's, if it ran (same configuration)
     if sens_path.exists():
         sens = Sensitivity.load(sens_path)
     else:
         cfg = SensitivityConfig(family="int", method="gptq", candidates=CT_CANDIDATES, samples=a.sens_samples,
                                 length=512, gptq=gcfg)
-        sens = sensitivity(name, cfg, progress=False)
+        sens = sensitivity(name, cfg, progress=False, device=a.device)
         sens.save(sens_path)
     recipes: dict[str, tuple[Recipe, dict[str, Any]]] = {}
     for u in UNIFORM:
@@ -182,14 +188,14 @@ def ct_part(name: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
                                           {"bits_per_weight": alloc.bits_per_weight, "predicted_kld": alloc.predicted,
                                            "counts": alloc.counts()})
     lm = load_model(name, dtype=torch.float32)
-    models: dict[str, Any] = {"reference": lm.model}
+    models: dict[str, Any] = {"reference": lm.model.to(a.device)}
     info: dict[str, Any] = {}
     for label, (recipe, extra) in recipes.items():
         path = work / label.replace(" ", "_").replace("@", "at")
         t0 = time.perf_counter()
         if not (path / "recipe.yaml").exists():
-            quantize(name, recipe, path, engine=Engine(device="cpu", progress=False), force=True)
-        m = load_artifact(path, dtype=torch.float32)
+            quantize(name, recipe, path, engine=Engine(device=a.device, progress=False), force=True)
+        m = load_artifact(path, dtype=torch.float32).to(a.device)
         models[label] = m
         info[label] = {**extra, "quantize_seconds": time.perf_counter() - t0}
         log.warning("%s %s: %s", name, label, info[label])
@@ -207,6 +213,8 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["gemma3-270m", "qwen2.5-coder-0.5b"])
     p.add_argument("--parts", nargs="+", default=["sens", "gguf", "ct"], choices=["sens", "gguf", "ct"])
     p.add_argument("--out", default="bench/results/mixed")
+    p.add_argument("--device", default="cpu", help="where sensitivity, GPTQ and the ct evaluation run")
+    p.add_argument("--sens-families", nargs="+", default=["gguf", "int"], choices=["gguf", "int"])
     p.add_argument("--work", default="/tmp/lowbit-mixed-bench")
     p.add_argument("--sens-samples", type=int, default=8, help="Fisher calibration sequences (x 512 tokens)")
     p.add_argument("--sens-windows", type=int, default=2, help="512-token windows of the single-tensor KLD")
@@ -216,7 +224,7 @@ def main() -> None:
     p.add_argument("--imatrix-samples", type=int, default=64)
     p.add_argument("--gguf-windows", type=int, default=24)
     p.add_argument("--calib-samples", type=int, default=16, help="GPTQ calibration sequences (x 512 tokens)")
-    p.add_argument("--gptq-alpha", type=float, default=0.0, help="GPTAQ strength (0: plain GPTQ)")
+    p.add_argument("--gptq-alpha", type=float, default=0.5, help="GPTAQ strength (0: plain GPTQ; 0.5 default)")
     p.add_argument("--no-true-sequential", action="store_true")
     p.add_argument("--budgets", type=float, nargs="+", default=[3.5, 4.5, 5.5])
     p.add_argument("--ctx", type=int, default=512)
@@ -231,12 +239,12 @@ def main() -> None:
             if part == "sens":
                 res = sens_part(name, a, out)
             elif part == "gguf":
-                res = gguf_part(name, a, Path(a.work) / name / "gguf")
+                res = gguf_part(name, a, Path(a.work) / Path(name).name / "gguf")
             else:
-                res = ct_part(name, a, Path(a.work) / name / "ct")
+                res = ct_part(name, a, Path(a.work) / Path(name).name / "ct")
             res.update(model=name, part=part, seconds=time.perf_counter() - t0, machine=machine(),
                        args={k: v for k, v in vars(a).items() if k not in ("models", "parts")})
-            write_json_atomic(out / f"{part}_{name}.json", res)
+            write_json_atomic(out / f"{part}_{Path(name).name}.json", res)
             _print(part, name, res)
 
 

@@ -69,13 +69,14 @@ def eval_windows(tokenizer: Any, data: str | None, windows: int, length: int = 5
 def sensitivity(model: Any, cfg: SensitivityConfig | None = None, *,
                 imatrix: Imatrix | str | Path | None = None, measure_windows: int = 0,
                 measure_candidates: list[str] | None = None, measure_tensors: str | None = None,
-                data: str | None = None, progress: bool = True) -> Sensitivity:
+                data: str | None = None, progress: bool = True, device: str = "cpu") -> Sensitivity:
     """The sensitivity of ``model`` (spec or loaded model) to each candidate, per tensor; with
     ``measure_windows`` > 0 also the measured single-tensor KLD (of the tensors matching the regular expression
-    ``measure_tensors``, at ``measure_candidates``) on that many 512-token windows of ``data``."""
+    ``measure_tensors``, at ``measure_candidates``) on that many 512-token windows of ``data``. The passes run on
+    ``device`` (the model is held on the CPU between them)."""
     lm = _load(model)
     im = _imatrix(imatrix)
-    sens, st, tokens = estimate(lm, cfg or SensitivityConfig(), imatrix=im, progress=progress)
+    sens, st, tokens = estimate(lm, cfg or SensitivityConfig(), imatrix=im, progress=progress, device=device)
     if measure_windows > 0:
         wins = eval_windows(lm.tokenizer, data, measure_windows)
         names = None
@@ -86,7 +87,7 @@ def sensitivity(model: Any, cfg: SensitivityConfig | None = None, *,
                 raise LowbitError(f"--measure-tensors {measure_tensors!r} matches no tensor (named like "
                                   f"{sens.tensors[0].name!r})")
         measure(lm, sens, wins, candidates=measure_candidates, tensors=names, imatrix=im, fisher=st,
-                calib_tokens=tokens, progress=progress)
+                calib_tokens=tokens, progress=progress, device=device)
     return sens
 
 

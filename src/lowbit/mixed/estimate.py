@@ -74,9 +74,10 @@ def _entries(lm: Any, cfg: SensitivityConfig) -> tuple[list[TensorEntry], int, i
     return int_entries(lm.model, cfg.scale_bytes)
 
 
-def estimate(lm: Any, cfg: SensitivityConfig, *, imatrix: Imatrix | None = None, progress: bool = True
-             ) -> tuple[Sensitivity, FisherStats, torch.Tensor]:
-    """The estimated costs of every (tensor, candidate) of the loaded model ``lm`` (float32 on the CPU)."""
+def estimate(lm: Any, cfg: SensitivityConfig, *, imatrix: Imatrix | None = None, progress: bool = True,
+             device: str = "cpu") -> tuple[Sensitivity, FisherStats, torch.Tensor]:
+    """The estimated costs of every (tensor, candidate) of the loaded model ``lm`` (float32, held on the CPU;
+    the Fisher pass and GPTQ run on ``device``)."""
     t0 = time.perf_counter()
     cands = parse_candidates(list(cfg.candidates) if cfg.candidates else None, cfg.family)
     entries, fixed, values = _entries(lm, cfg)
@@ -85,13 +86,14 @@ def estimate(lm: Any, cfg: SensitivityConfig, *, imatrix: Imatrix | None = None,
                             "calibration": {"corpus": corpus, "samples": cfg.samples, "length": cfg.length,
                                             "seed": cfg.seed},
                             "imatrix": None if imatrix is None else imatrix.datasets}
-    st = collect_fisher(lm.model, tokens, seed=cfg.seed, progress=progress)
+    st = collect_fisher(lm.model.to(device), tokens, seed=cfg.seed, progress=progress)
+    lm.model.to("cpu")
     meta["calibration"]["scored_tokens"] = st.tokens
     timed(meta, "fisher", t0)
     t1 = time.perf_counter()
     cost: dict[str, dict[str, float]] = {e.name: {} for e in entries}
     if cfg.family == "int" and cfg.method == "gptq":
-        _gptq_costs(lm.model, tokens, entries, cands, st, cost, cfg, progress)
+        _gptq_costs(lm.model, tokens, entries, cands, st, cost, cfg, progress, device)
     else:
         with ticker(f"costs of {len(entries)} tensors x {len(cands)} candidates", len(entries), progress) as bar:
             for e in entries:
@@ -119,6 +121,10 @@ def _tensor_costs(model: nn.Module, e: TensorEntry, cands: list[Candidate], st: 
     return out
 
 
+def _at(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
 def _weight(model: nn.Module, module: str) -> torch.Tensor:
     w = model.get_submodule(module).weight
     assert isinstance(w, torch.Tensor)
@@ -130,7 +136,8 @@ def _scale_dtype(scale_bytes: int) -> torch.dtype:
 
 
 def _gptq_costs(model: nn.Module, tokens: torch.Tensor, entries: list[TensorEntry], cands: list[Candidate],
-                st: FisherStats, cost: dict[str, dict[str, float]], cfg: SensitivityConfig, progress: bool) -> None:
+                st: FisherStats, cost: dict[str, dict[str, float]], cfg: SensitivityConfig, progress: bool,
+                device: str) -> None:
     """GPTQ on each linear alone (float inputs) per candidate; the diagonal Fisher cost times the share of the
     diagonal output error that GPTQ's correlated errors leave (see :mod:`lowbit.mixed.sensitivity`)."""
     by_name = {e.name: e for e in entries}
@@ -145,20 +152,20 @@ def _gptq_costs(model: nn.Module, tokens: torch.Tensor, entries: list[TensorEntr
                 dW = delta(W, c, "gptq", H=H, scale_dtype=_scale_dtype(cfg.scale_bytes), gptq=cfg.gptq)
                 diag = output_error(dW, H.diagonal())
                 share = output_error(dW, H) / diag if diag > 0 else 1.0
-                cost[e.name][c.name] = fisher_error(dW, st.fisher[e.module]) * share
+                cost[e.name][c.name] = fisher_error(dW, st.fisher[e.module].to(dW.device)) * share
 
-    hessian_pass(model, tokens, on_block, progress=progress)
+    hessian_pass(model, tokens, on_block, progress=progress, device=device)
 
 
 def measure(lm: Any, sens: Sensitivity, windows: torch.Tensor, *, candidates: list[str] | None = None,
             tensors: list[str] | None = None, imatrix: Imatrix | None = None, fisher: FisherStats | None = None,
-            calib_tokens: torch.Tensor | None = None, progress: bool = True) -> None:
+            calib_tokens: torch.Tensor | None = None, progress: bool = True, device: str = "cpu") -> None:
     """Measured single-tensor KLD of ``sens``'s tensors (or ``tensors``) at ``candidates`` (default all), on
-    ``windows (n, T)``; written into ``sens.measured``. GPTQ needs the calibration tokens (its ``X^T X``)."""
+    ``windows (n, T)``; written into ``sens.measured``. GPTQ needs the calibration tokens (its ``X^T X``).
+    The model (held on the CPU) runs on ``device`` and goes back to the CPU afterwards."""
     t0 = time.perf_counter()
     names = [c for c in (candidates or sens.candidates) if c in sens.candidates]
     entries = [e for e in sens.tensors if tensors is None or e.name in tensors]
-    meas = SingleTensorKLD(lm.model, with_bos(windows, lm.tokenizer))
     hbar: dict[str, torch.Tensor] = {}
     if sens.method == "gptq":
         if calib_tokens is None:
@@ -168,7 +175,20 @@ def measure(lm: Any, sens: Sensitivity, windows: torch.Tensor, *, candidates: li
         def keep(ctx: Any, h: dict[str, torch.Tensor]) -> None:
             hbar.update({f"{ctx.prefix}.{k}": v.clone() for k, v in h.items() if f"{ctx.prefix}.{k}" in want})
 
-        hessian_pass(lm.model, calib_tokens, keep, progress=progress)
+        hessian_pass(lm.model, calib_tokens, keep, progress=progress, device=device)
+    meas = SingleTensorKLD(lm.model.to(device), with_bos(windows, lm.tokenizer))
+    try:
+        _measure_all(lm, sens, meas, entries, names, imatrix, fisher, hbar, progress)
+    finally:
+        lm.model.to("cpu")
+    sens.meta["measurement"] = {"windows": int(windows.shape[0]), "length": int(windows.shape[1]),
+                                "scored_tokens": meas.n_scored}
+    timed(sens.meta, "measurement", t0)
+
+
+def _measure_all(lm: Any, sens: Sensitivity, meas: SingleTensorKLD, entries: list[TensorEntry], names: list[str],
+                 imatrix: Imatrix | None, fisher: FisherStats | None, hbar: dict[str, torch.Tensor],
+                 progress: bool) -> None:
     with ticker(f"single-tensor KLD of {len(entries)} tensors", len(entries), progress) as bar:
         for e in entries:
             W = _weight(lm.model, e.module)
@@ -178,10 +198,7 @@ def measure(lm: Any, sens: Sensitivity, windows: torch.Tensor, *, candidates: li
                 if name not in sens.cost[e.name]:
                     continue
                 act2 = fisher.act2.get(e.module) if fisher is not None else None
-                dW = delta(W, c, sens.method or "rtn", act2=act2, H=hbar.get(e.module), imatrix=im,
+                dW = delta(W, c, sens.method or "rtn", act2=act2, H=_at(hbar.get(e.module), W.device), imatrix=im,
                            scale_dtype=_scale_dtype(sens.scale_bytes))
-                sens.measured.setdefault(e.name, {})[name] = meas.kld(e.module, W.float() + dW)
+                sens.measured.setdefault(e.name, {})[name] = meas.kld(e.module, W.float() + dW.to(W.device))
             bar.advance()
-    sens.meta["measurement"] = {"windows": int(windows.shape[0]), "length": int(windows.shape[1]),
-                                "scored_tokens": meas.n_scored}
-    timed(sens.meta, "measurement", t0)

@@ -31,7 +31,8 @@ class HessianPass(BlockMethod):
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         firsts = [g.linears[0] for g in ctx.spec.groups if g.linears[0] in ctx.linears]
-        obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, "cpu"), names=firsts, keep_outputs=True)
+        obs = collect(ctx, lambda n, lin: HessianObserver(lin.in_features, ctx.device), names=firsts,
+                      keep_outputs=True)
         out: dict[str, torch.Tensor] = {}
         for g in ctx.spec.groups:
             o = obs.get(g.linears[0])
@@ -44,6 +45,8 @@ class HessianPass(BlockMethod):
         return {}
 
 
-def hessian_pass(model: nn.Module, tokens: torch.Tensor, on_block: OnBlock, progress: bool = True) -> None:
-    """Run ``tokens (n, T)`` through ``model`` block by block, calling ``on_block`` with each block's ``Hbar``."""
-    run_blockwise(model, HessianPass(on_block), tokens, device="cpu", progress=progress)
+def hessian_pass(model: nn.Module, tokens: torch.Tensor, on_block: OnBlock, progress: bool = True,
+                 device: str | torch.device = "cpu") -> None:
+    """Run ``tokens (n, T)`` through ``model`` (held on the CPU; each block visits ``device``) block by block,
+    calling ``on_block`` with each block's ``Hbar`` (on ``device``)."""
+    run_blockwise(model, HessianPass(on_block), tokens, device=device, progress=progress)

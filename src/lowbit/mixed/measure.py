@@ -37,7 +37,8 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 
 class SingleTensorKLD:
-    """KLD of ``model`` with one weight replaced, on ``tokens (n, T)`` (positions ``T//2 .. T-1`` scored)."""
+    """KLD of ``model`` with one weight replaced, on ``tokens (n, T)`` (positions ``T//2 .. T-1`` scored); the
+    model runs where its parameters are."""
 
     @torch.inference_mode()
     def __init__(self, model: Any, tokens: torch.Tensor) -> None:
@@ -47,9 +48,10 @@ class SingleTensorKLD:
         self.norm = final_norm(model)
         self.head = model.get_output_embeddings()
         self.cap = getattr(model.config, "final_logit_softcapping", None)
-        self.tokens = tokens
+        self.device = next(model.parameters()).device
+        self.tokens = tokens.to(self.device)
         self.first = tokens.shape[1] // 2
-        hidden, self.kwargs = capture_inputs(model, tokens, self.spec, torch.device("cpu"))
+        hidden, self.kwargs = capture_inputs(model, self.tokens, self.spec, self.device)
         if not torch.equal(hidden[0], self._embed(0)):
             raise LowbitError(f"{type(model).__name__}: block 0's input is not the embedding's output; "
                               "single-tensor KLD of the embedding would be wrong for this architecture")
