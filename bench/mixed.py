@@ -12,10 +12,12 @@ mixes at exactly their file bits per weight (the allocation counts every tensor 
 mix is never larger), all evaluated *in llama.cpp* against the float model on the same WikiText-2 windows
 (llama.cpp's perplexity protocol: 512-token windows, second halves scored, BOS first).
 
-``ct``: GPTQ (plain, ``--gptq-alpha``, same calibration tokens for all) with every uniform scheme W3/W4 x group
-32/64/128 x sym/asym (and W8 g128), and the mixes at ``--budgets`` bits per weight of the quantized linears,
-written as compressed-tensors artifacts by ``lowbit.quantize`` and evaluated from disk against the float model
-on the same windows (GPTQ protocol, ``--ctx``).
+``ct``: every uniform scheme W3/W4 x group 32/64/128 x sym/asym (and W8 g128) and the mixes at ``--budgets``
+bits per weight of the quantized linears, all assembled from the same GPTQ solves (the integer sensitivity
+pass quantizes each linear by GPTQ from the float model's ``X^T X`` for every candidate: the layers of each
+configuration are those solves), written by the compressed-tensors writer and evaluated from disk against the
+float model on the same windows (GPTQ protocol, ``--ctx``). Not lowbit's sequential GPTQ (each block's
+Hessian from the quantized blocks before it): on this CPU that costs about an hour a run for the 0.5B model.
 
 Every part writes ``bench/results/mixed/<part>_<model>.json``; artifacts go to ``--work`` and are reused by a
 later run (delete them to redo). Timings are wall-clock on this machine with whatever else runs on it.
@@ -40,8 +42,7 @@ from lowbit.core.io import write_json_atomic  # noqa: E402
 
 log = logging.getLogger("bench.mixed")
 UNIFORM = [f"W{b}g{g}{a}" for b in (3, 4) for g in (128, 64, 32) for a in ("", "a")] + ["W8g128"]
-CT_CANDIDATES = ("W2g64", "W3g128", "W3g128a", "W3g64", "W3g32", "W3g32a", "W4g128", "W4g128a", "W4g64", "W4g32",
-                 "W4g32a", "W8g128")
+CT_CANDIDATES = ("W2g64", *UNIFORM)
 
 
 def machine() -> dict[str, Any]:
@@ -55,7 +56,7 @@ def machine() -> dict[str, Any]:
 def gptq_config(a: argparse.Namespace) -> Any:
     from lowbit.methods.gptq import GPTQConfig
 
-    return GPTQConfig(asym_alpha=a.gptq_alpha, true_sequential=not a.no_true_sequential)
+    return GPTQConfig()  # the library's defaults (its asymmetric term needs quantized inputs: none here)
 
 
 def sens_part(name: str, a: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -69,10 +70,16 @@ def sens_part(name: str, a: argparse.Namespace, out: Path) -> dict[str, Any]:
     for family in a.sens_families:
         cands, meas, pattern = todo[family]
         cfg = SensitivityConfig(family=family, candidates=cands, method="gptq" if family == "int" else "rtn",
-                                samples=a.sens_samples, length=512, gptq=gptq_config(a))
+                                samples=a.sens_samples, length=512, gptq=gptq_config(a),
+                                gptq_samples=a.gptq_samples if family == "int" else None)
         t0 = time.perf_counter()
+        work = Path(a.work) / Path(name).name / "ct"
+        store = QWStore(work / "qw") if family == "int" else None
         s = sensitivity(name, cfg, measure_windows=a.sens_windows, measure_candidates=meas.split(","),
-                        measure_tensors=pattern, progress=False, device=a.device)
+                        measure_tensors=pattern, progress=False, device=a.device,
+                        sink=store.put if store is not None else None)
+        if store is not None:
+            (work / "qw.done").write_text("ok")
         path = out / f"sens_{family}_{Path(name).name}.json"
         s.save(path)
         plot_costs(s, out / f"sens_{family}_{Path(name).name}.png")
@@ -157,55 +164,92 @@ def _gguf_values(path: Path) -> int:
     return sum(int(np.prod(t.shape)) for t in gguf.GGUFReader(path).tensors)
 
 
+class QWStore:
+    """Each GPTQ result of the integer sensitivity pass on disk: ``root/<candidate>/<tensor>.pt``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, tensor: str, cand: str) -> Path:
+        return self.root / cand / f"{tensor}.pt"
+
+    def put(self, tensor: str, cand: str, qw: Any) -> None:
+        p = self.path(tensor, cand)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"codes": qw.codes.cpu(), "scales": qw.scales.cpu(), "zeros": qw.zeros.cpu()}, p)
+
+    def get(self, tensor: str, cand: str, scheme: Any) -> Any:
+        from lowbit.core.qweight import QuantizedWeight
+
+        d = torch.load(self.path(tensor, cand))
+        return QuantizedWeight(d["codes"], d["scales"], d["zeros"], scheme)
+
+
 def ct_part(name: str, a: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from lowbit.jobs import evaluate_models, load_artifact, quantize
+    """Every configuration's layers come from the sensitivity pass's own GPTQ results (each linear quantized by
+    GPTQ from the float model's X^T X, per candidate): the uniform schemes and the mixes are assembled from the
+    same solves, written by the compressed-tensors writer and evaluated from disk."""
+    from lowbit.formats.compressed_tensors import save_quantized
+    from lowbit.jobs import evaluate_models, load_artifact
     from lowbit.mixed import Budget, Sensitivity, SensitivityConfig, allocate_from, sensitivity
     from lowbit.mixed.candidates import parse_candidate
     from lowbit.models.loader import load_model
-    from lowbit.pipeline.engine import Engine
-    from lowbit.recipe import Calibration, Recipe
 
     work.mkdir(parents=True, exist_ok=True)
-    gcfg = gptq_config(a)
-    cal = Calibration("c4", a.calib_samples, 512, 0)
-    sens_path = Path(a.out) / f"sens_int_{Path(name).name}.json"  # the sens part's, if it ran (same configuration)
-    if sens_path.exists():
+    store = QWStore(work / "qw")
+    sens_path = Path(a.out) / f"sens_int_{Path(name).name}.json"
+    if sens_path.exists() and (work / "qw.done").exists():
         sens = Sensitivity.load(sens_path)
     else:
         cfg = SensitivityConfig(family="int", method="gptq", candidates=CT_CANDIDATES, samples=a.sens_samples,
-                                length=512, gptq=gcfg)
-        sens = sensitivity(name, cfg, progress=False, device=a.device)
+                                length=512, gptq=gptq_config(a), gptq_samples=a.gptq_samples)
+        sens = sensitivity(name, cfg, progress=False, device=a.device, sink=store.put)
         sens.save(sens_path)
-    recipes: dict[str, tuple[Recipe, dict[str, Any]]] = {}
+        (work / "qw.done").write_text("ok")
+    configs: dict[str, tuple[dict[str, str], dict[str, Any]]] = {}
     for u in UNIFORM:
         c = parse_candidate(u, "int")
-        assert c.scheme is not None
-        bpw = 8 * sum(c.nbytes(t.shape) for t in sens.tensors) / sum(t.numel for t in sens.tensors)
-        recipes[f"uniform {u}"] = (Recipe(c.scheme, gcfg, cal), {"bits_per_weight": bpw})
+        choice = {t.name: c.name for t in sens.tensors}
+        nbytes = sum(c.nbytes(t.shape) for t in sens.tensors)
+        configs[f"uniform {u}"] = (choice, {"bits_per_weight": 8 * nbytes / sum(t.numel for t in sens.tensors),
+                                           "predicted_kld": sum(sens.cost[t.name][c.name] for t in sens.tensors)})
     for b in a.budgets:
         alloc = allocate_from(sens, Budget(bpw=b))
-        recipes[f"lowbit mix @ {b:g}"] = (alloc.recipe(Recipe(alloc.recipe().scheme, gcfg, cal)),
-                                          {"bits_per_weight": alloc.bits_per_weight, "predicted_kld": alloc.predicted,
-                                           "counts": alloc.counts()})
-    lm = load_model(name, dtype=torch.float32)
-    models: dict[str, Any] = {"reference": lm.model.to(a.device)}
-    info: dict[str, Any] = {}
-    for label, (recipe, extra) in recipes.items():
+        configs[f"lowbit mix @ {b:g}"] = (alloc.choice, {"bits_per_weight": alloc.bits_per_weight,
+                                                         "predicted_kld": alloc.predicted, "counts": alloc.counts(),
+                                                         "recipe": alloc.recipe().to_dict()})
+    lm = load_model(name, dtype=torch.bfloat16)
+    paths: dict[str, Path] = {}
+    for label, (choice, _) in configs.items():
         path = work / label.replace(" ", "_").replace("@", "at")
-        t0 = time.perf_counter()
-        if not (path / "recipe.yaml").exists():
-            quantize(name, recipe, path, engine=Engine(device=a.device, progress=False), force=True)
-        m = load_artifact(path, dtype=torch.float32).to(a.device)
-        models[label] = m
-        info[label] = {**extra, "quantize_seconds": time.perf_counter() - t0}
-        log.warning("%s %s: %s", name, label, info[label])
-    corpus, res = evaluate_models(models, lm.tokenizer, reference="reference", data=None, protocol="gptq",
-                                  ctx=a.ctx, max_windows=a.ct_windows, progress=False)
-    out = {k: {**v.to_dict(), **info.get(k, {})} for k, v in res.items()}
-    return {"corpus": corpus, "results": out, "gptq": {"asym_alpha": a.gptq_alpha,
-                                                       "true_sequential": not a.no_true_sequential},
-            "calibration": {"samples": a.calib_samples, "length": 512}, "ctx": a.ctx, "windows": a.ct_windows,
-            "sensitivity_seconds": sens.meta["seconds"]}
+        if not (path / "config.json").exists():
+            qws = {t.module: store.get(t.name, choice[t.name], sens.candidate(choice[t.name]).scheme)
+                   for t in sens.tensors}
+            save_quantized(lm.model, qws, path, tokenizer=lm.tokenizer, dtype=torch.bfloat16, overwrite=True)
+        paths[label] = path
+    del lm
+    ref = load_model(name, dtype=torch.float32)
+    results: dict[str, Any] = {}
+    corpus = ""
+    labels = list(paths)
+    for i in range(0, len(labels), a.eval_group):  # a few artifacts at a time: memory
+        models: dict[str, Any] = {"reference": ref.model}
+        for label in labels[i:i + a.eval_group]:
+            m = load_artifact(paths[label], dtype=torch.float32)
+            for mod in m.modules():
+                if hasattr(mod, "cache"):
+                    mod.cache = False
+            models[label] = m
+        corpus, res = evaluate_models(models, ref.tokenizer, reference="reference", data=None, protocol="gptq",
+                                      ctx=a.ctx, max_windows=a.ct_windows, progress=False)
+        results.update({k: v.to_dict() for k, v in res.items()})
+        log.warning("%s ct: %s", name, {k: round(v.kld_mean or 0, 5) for k, v in res.items()})
+    for label, (_, extra) in configs.items():
+        results[label].update(extra)
+    return {"corpus": corpus, "results": results, "ctx": a.ctx, "windows": a.ct_windows,
+            "gptq": {"config": "GPTQConfig() defaults", "samples": a.gptq_samples, "length": 512,
+                     "from": "float inputs, per layer (the sensitivity pass's solves)"},
+            "sensitivity": {"samples": a.sens_samples, "length": 512, "seconds": sens.meta["seconds"]}}
 
 
 def main() -> None:
@@ -214,6 +258,8 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["sens", "gguf", "ct"], choices=["sens", "gguf", "ct"])
     p.add_argument("--out", default="bench/results/mixed")
     p.add_argument("--device", default="cpu", help="where sensitivity, GPTQ and the ct evaluation run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (on a CPU shared with other jobs one "
+                   "thread ran GPTQ's column loop 10x faster than two: no OpenMP barriers to wait on)")
     p.add_argument("--sens-families", nargs="+", default=["gguf", "int"], choices=["gguf", "int"])
     p.add_argument("--work", default="/tmp/lowbit-mixed-bench")
     p.add_argument("--sens-samples", type=int, default=8, help="Fisher calibration sequences (x 512 tokens)")
@@ -223,13 +269,13 @@ def main() -> None:
     p.add_argument("--ct-sens-candidates", default="W3g128")
     p.add_argument("--imatrix-samples", type=int, default=64)
     p.add_argument("--gguf-windows", type=int, default=24)
-    p.add_argument("--calib-samples", type=int, default=16, help="GPTQ calibration sequences (x 512 tokens)")
-    p.add_argument("--gptq-alpha", type=float, default=0.5, help="GPTAQ strength (0: plain GPTQ; 0.5 default)")
-    p.add_argument("--no-true-sequential", action="store_true")
+    p.add_argument("--gptq-samples", type=int, default=32, help="GPTQ calibration sequences (x 512 tokens)")
     p.add_argument("--budgets", type=float, nargs="+", default=[3.5, 4.5, 5.5])
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--ct-windows", type=int, default=12)
+    p.add_argument("--eval-group", type=int, default=3, help="artifacts evaluated per pass over the windows")
     a = p.parse_args()
+    torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -69,14 +69,16 @@ def eval_windows(tokenizer: Any, data: str | None, windows: int, length: int = 5
 def sensitivity(model: Any, cfg: SensitivityConfig | None = None, *,
                 imatrix: Imatrix | str | Path | None = None, measure_windows: int = 0,
                 measure_candidates: list[str] | None = None, measure_tensors: str | None = None,
-                data: str | None = None, progress: bool = True, device: str = "cpu") -> Sensitivity:
+                data: str | None = None, progress: bool = True, device: str = "cpu", sink: Any = None) -> Sensitivity:
     """The sensitivity of ``model`` (spec or loaded model) to each candidate, per tensor; with
     ``measure_windows`` > 0 also the measured single-tensor KLD (of the tensors matching the regular expression
     ``measure_tensors``, at ``measure_candidates``) on that many 512-token windows of ``data``. The passes run on
-    ``device`` (the model is held on the CPU between them)."""
+    ``device`` (the model is held on the CPU between them); ``sink`` receives each GPTQ result
+    (:func:`lowbit.mixed.estimate.estimate`)."""
     lm = _load(model)
     im = _imatrix(imatrix)
-    sens, st, tokens = estimate(lm, cfg or SensitivityConfig(), imatrix=im, progress=progress, device=device)
+    sens, st, tokens = estimate(lm, cfg or SensitivityConfig(), imatrix=im, progress=progress, device=device,
+                                sink=sink)
     if measure_windows > 0:
         wins = eval_windows(lm.tokenizer, data, measure_windows)
         names = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +22,9 @@ from torch import nn
 
 from lowbit.core.errors import LowbitError
 from lowbit.core.progress import progress as ticker
+from lowbit.core.qweight import QuantizedWeight
 from lowbit.formats.gguf.imatrix import Imatrix
-from lowbit.methods.gptq import GPTQConfig
+from lowbit.methods.gptq import GPTQConfig, gptq_quantize
 from lowbit.mixed.candidates import Candidate, parse_candidates
 from lowbit.mixed.costs import INT_METHODS, delta, fisher_error, output_error
 from lowbit.mixed.fisher import FisherStats, collect_fisher
@@ -32,13 +34,15 @@ from lowbit.mixed.sensitivity import Sensitivity, timed, with_bos
 from lowbit.mixed.tensors import TensorEntry, gguf_entries, int_entries
 
 log = logging.getLogger(__name__)
+Sink = Callable[[str, str, QuantizedWeight], None]
 
 
 @dataclass(frozen=True)
 class SensitivityConfig:
     """What to compute: ``family`` (``int`` / ``gguf``), candidates (None: the family's defaults), the integer
     ``method`` (``rtn``, ``imatrix``, ``gptq``), Fisher calibration (``samples`` x ``length`` tokens of
-    ``calib``, ``seed``), GGUF ``imatrix`` (as the file will use it), the scales' storage bytes."""
+    ``calib``, ``seed``; GPTQ's ``X^T X`` from ``gptq_samples`` sequences, the first ``samples`` of them the
+    same), the scales' storage bytes."""
 
     family: str = "gguf"
     candidates: tuple[str, ...] | None = None
@@ -49,6 +53,7 @@ class SensitivityConfig:
     seed: int = 0
     scale_bytes: int = 2
     gptq: GPTQConfig = GPTQConfig()
+    gptq_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.family not in ("int", "gguf"):
@@ -58,6 +63,8 @@ class SensitivityConfig:
                               f"{self.method!r}")
         if self.samples < 1 or self.length < 2:
             raise LowbitError("the Fisher pass needs at least 1 sequence of at least 2 tokens")
+        if self.gptq_samples is not None and self.gptq_samples < self.samples:
+            raise LowbitError(f"gptq_samples ({self.gptq_samples}) must be at least samples ({self.samples})")
 
 
 def _tokens(lm: Any, corpus: str | None, samples: int, length: int, seed: int) -> tuple[torch.Tensor, str]:
@@ -75,13 +82,17 @@ def _entries(lm: Any, cfg: SensitivityConfig) -> tuple[list[TensorEntry], int, i
 
 
 def estimate(lm: Any, cfg: SensitivityConfig, *, imatrix: Imatrix | None = None, progress: bool = True,
-             device: str = "cpu") -> tuple[Sensitivity, FisherStats, torch.Tensor]:
+             device: str = "cpu", sink: Sink | None = None) -> tuple[Sensitivity, FisherStats, torch.Tensor]:
     """The estimated costs of every (tensor, candidate) of the loaded model ``lm`` (float32, held on the CPU;
-    the Fisher pass and GPTQ run on ``device``)."""
+    the Fisher pass and GPTQ run on ``device``). ``sink(tensor, candidate, QuantizedWeight)`` receives each
+    GPTQ result (a caller may keep them: they are what the artifact of that choice would hold, from float
+    inputs)."""
     t0 = time.perf_counter()
     cands = parse_candidates(list(cfg.candidates) if cfg.candidates else None, cfg.family)
     entries, fixed, values = _entries(lm, cfg)
-    tokens, corpus = _tokens(lm, cfg.calib, cfg.samples, cfg.length, cfg.seed)
+    n_all = cfg.gptq_samples if cfg.family == "int" and cfg.method == "gptq" and cfg.gptq_samples else cfg.samples
+    all_tokens, corpus = _tokens(lm, cfg.calib, n_all, cfg.length, cfg.seed)
+    tokens = all_tokens[: cfg.samples]
     meta: dict[str, Any] = {"estimator": "fisher-diagonal" + ("+gptq-correlation" if cfg.method == "gptq" else ""),
                             "calibration": {"corpus": corpus, "samples": cfg.samples, "length": cfg.length,
                                             "seed": cfg.seed},
@@ -93,7 +104,8 @@ def estimate(lm: Any, cfg: SensitivityConfig, *, imatrix: Imatrix | None = None,
     t1 = time.perf_counter()
     cost: dict[str, dict[str, float]] = {e.name: {} for e in entries}
     if cfg.family == "int" and cfg.method == "gptq":
-        _gptq_costs(lm.model, tokens, entries, cands, st, cost, cfg, progress, device)
+        _gptq_costs(lm.model, all_tokens, entries, cands, st, cost, cfg, progress, device, sink)
+        meta["calibration"]["gptq_samples"] = n_all
     else:
         with ticker(f"costs of {len(entries)} tensors x {len(cands)} candidates", len(entries), progress) as bar:
             for e in entries:
@@ -104,7 +116,7 @@ def estimate(lm: Any, cfg: SensitivityConfig, *, imatrix: Imatrix | None = None,
     sens = Sensitivity(lm.name, cfg.family, [c.name for c in cands], entries, cost,
                        method=cfg.method if cfg.family == "int" else None, fixed_bytes=fixed, fixed_values=values,
                        scale_bytes=cfg.scale_bytes, meta=meta)
-    return sens, st, tokens
+    return sens, st, all_tokens
 
 
 def _tensor_costs(model: nn.Module, e: TensorEntry, cands: list[Candidate], st: FisherStats,
@@ -137,7 +149,7 @@ def _scale_dtype(scale_bytes: int) -> torch.dtype:
 
 def _gptq_costs(model: nn.Module, tokens: torch.Tensor, entries: list[TensorEntry], cands: list[Candidate],
                 st: FisherStats, cost: dict[str, dict[str, float]], cfg: SensitivityConfig, progress: bool,
-                device: str) -> None:
+                device: str, sink: Sink | None) -> None:
     """GPTQ on each linear alone (float inputs) per candidate; the diagonal Fisher cost times the share of the
     diagonal output error that GPTQ's correlated errors leave (see :mod:`lowbit.mixed.sensitivity`)."""
     by_name = {e.name: e for e in entries}
@@ -149,7 +161,11 @@ def _gptq_costs(model: nn.Module, tokens: torch.Tensor, entries: list[TensorEntr
             for c in cands:
                 if not c.fits(e.shape):
                     continue
-                dW = delta(W, c, "gptq", H=H, scale_dtype=_scale_dtype(cfg.scale_bytes), gptq=cfg.gptq)
+                assert c.scheme is not None
+                qw, _ = gptq_quantize(W, H, c.scheme, cfg.gptq, scale_dtype=_scale_dtype(cfg.scale_bytes))
+                if sink is not None:
+                    sink(e.name, c.name, qw)
+                dW = qw.dequantize() - W
                 diag = output_error(dW, H.diagonal())
                 share = output_error(dW, H) / diag if diag > 0 else 1.0
                 cost[e.name][c.name] = fisher_error(dW, st.fisher[e.module].to(dW.device)) * share
