@@ -354,3 +354,24 @@ def test_gguf_overhead_bounds_the_metadata(tmp_path: Path, kq_folder: Path) -> N
     actual = rep.size_bytes - data
     bound = gguf_overhead(kq_folder)
     assert actual <= bound < actual + 32 * len(rep.types)
+
+
+def test_compare_entry_points(tmp_path: Path, kq_folder: Path) -> None:
+    """What `lowbit compare` calls: allocate() with a method config and a calibration on a loaded bf16 model
+    (left as it was) gives a recipe keeping both; export_gguf_budget() writes a file within the budget;
+    parse_mix() reads the budgeted names."""
+    from lowbit.methods.gptq import GPTQConfig
+    from lowbit.mixed import allocate, export_gguf_budget, parse_mix
+    from lowbit.models.loader import load_model
+    from lowbit.recipe.schema import Calibration, Recipe
+
+    assert parse_mix("gguf:mix@4.9")[0] == "gguf" and parse_mix("mix@4.5")[1].bpw == 4.5  # type: ignore[index]
+    assert parse_mix("mix@250MB")[1].max_bytes == 250_000_000 and parse_mix("W4A16") is None  # type: ignore[index]
+    ref = load_model(kq_folder, dtype=torch.bfloat16)
+    before = {n: p.clone() for n, p in ref.model.named_parameters()}
+    cfg, cal = GPTQConfig(damp=0.02), Calibration("c4", samples=2, length=32)
+    r = allocate(ref, 5.0, method=cfg, calibration=cal, candidates=["W4", "W4g32", "W8c"])
+    assert isinstance(r, Recipe) and r.method == cfg and r.calibration == cal
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.bfloat16 for n, p in ref.model.named_parameters())
+    rep = export_gguf_budget(kq_folder, tmp_path / "m.gguf", 6.5, samples=2, length=32)
+    assert rep.bits_per_weight <= 6.5 and rep.file_type == "MIX"

@@ -7,16 +7,19 @@
     write_gguf(folder, "g.gguf", "MIX", imatrix=im, types=types)
 
 ``compare``-style names for budgeted configurations: ``mix@4.5`` (compressed-tensors, bits per weight of
-the quantized linears) and ``gguf:mix@4.9`` (GGUF, bits per weight of the file); :func:`parse_mix`.
+the quantized linears) and ``gguf:mix@4.9`` (GGUF, bits per weight of the file); :func:`parse_mix`, and
+:func:`export_gguf_budget` writes the GGUF file of a budget.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -26,7 +29,7 @@ from lowbit.methods.gptq import GPTQConfig
 from lowbit.mixed.budget import Allocation, Budget, allocate_from, parse_budget
 from lowbit.mixed.estimate import SensitivityConfig, estimate, measure
 from lowbit.mixed.sensitivity import Sensitivity
-from lowbit.recipe.schema import Recipe
+from lowbit.recipe.schema import Calibration, Recipe
 
 log = logging.getLogger(__name__)
 _MIX = re.compile(r"^(?:(gguf|ct|int):)?mix@(.+)$", re.IGNORECASE)
@@ -42,11 +45,15 @@ def parse_mix(spec: str) -> tuple[str, Budget] | None:
 
 
 def _load(model: Any) -> Any:
+    """A loaded model in float32 on the CPU (a loaded one in another dtype is copied, the caller's untouched)."""
     from lowbit.models.loader import LoadedModel, load_model
 
-    if isinstance(model, LoadedModel):
+    if not isinstance(model, LoadedModel):
+        return load_model(str(model), device="cpu", dtype=torch.float32)
+    p = next(model.model.parameters())
+    if p.dtype == torch.float32 and p.device.type == "cpu":
         return model
-    return load_model(str(model), device="cpu", dtype=torch.float32)
+    return dataclasses.replace(model, model=copy.deepcopy(model.model).to("cpu", torch.float32))
 
 
 def _imatrix(imatrix: Imatrix | str | Path | None) -> Imatrix | None:
@@ -143,20 +150,69 @@ def _folder(model: Any) -> Path:
     return Path(_load(model).path)
 
 
-def allocate(model: Any, budget: Budget | str | float, family: str = "int", *, method: str = "gptq",
-             base: Recipe | None = None, **kw: Any) -> Recipe | dict[str, str]:
-    """A budgeted configuration of ``model``: a :class:`Recipe` with per-layer overrides (``family="int"``:
-    compressed-tensors, ``method`` ``gptq`` / ``rtn`` / ``imatrix`` for every layer, on top of ``base``) or a
-    GGUF type map (``family="gguf"``: pass the ``imatrix`` the file will be written with). Keyword arguments go
-    to :func:`plan` (``candidates``, ``sens``, ``imatrix``, ``calib``, ``samples``, ``length``)."""
-    a = plan(model, budget, family, method=method, **kw)
+def _method_name(method: Any) -> str:
+    """A sensitivity method name from a name or a recipe method config (GPTQConfig -> ``gptq`` ...)."""
+    if isinstance(method, str):
+        return {"imatrix-rtn": "imatrix"}.get(method, method)
+    from lowbit.pipeline.rtn import ImatrixConfig, RTNConfig
+
+    for cls, name in ((GPTQConfig, "gptq"), (ImatrixConfig, "imatrix"), (RTNConfig, "rtn")):
+        if isinstance(method, cls):
+            return name
+    raise LowbitError(f"budgeted configurations allocate for RTN, importance-weighted RTN or GPTQ, not "
+                      f"{type(method).__name__}")
+
+
+def _budget(budget: Budget | str | float | None) -> Budget:
+    if budget is None:
+        raise LowbitError("a budgeted configuration needs a budget (bits per weight or a size)")
+    return budget if isinstance(budget, Budget) else parse_budget(budget)
+
+
+@overload
+def allocate(model: Any, budget: Budget | str | float | None, family: Literal["int"] = "int", *,
+             method: Any = "gptq", base: Recipe | None = None, calibration: Calibration | None = None,
+             **kw: Any) -> Recipe: ...
+@overload
+def allocate(model: Any, budget: Budget | str | float | None, family: Literal["gguf"], *, method: Any = "gptq",
+             base: Recipe | None = None, calibration: Calibration | None = None, **kw: Any) -> dict[str, str]: ...
+def allocate(model: Any, budget: Budget | str | float | None, family: str = "int", *, method: Any = "gptq",
+             base: Recipe | None = None, calibration: Calibration | None = None,
+             **kw: Any) -> Recipe | dict[str, str]:
+    """A budgeted configuration of ``model`` (a spec or a loaded model): a :class:`Recipe` with per-layer
+    overrides (``family="int"``: compressed-tensors; ``method`` a name, ``gptq`` / ``rtn`` / ``imatrix``, or a
+    method config kept as the recipe's; on top of ``base``), or a GGUF type map (``family="gguf"``: pass the
+    ``imatrix`` the file will be written with). ``calibration`` lends its corpus and seed to the sensitivity
+    pass (at most 8 sequences of at most 512 tokens: the Fisher pass is a forward and a backward each) and
+    becomes the recipe's. Other keyword arguments go to :func:`plan` (``candidates``, ``sens``, ``imatrix``,
+    ``samples``, ``length``)."""
+    name = _method_name(method)
+    if calibration is not None:
+        kw.setdefault("calib", calibration.corpus)
+        kw.setdefault("samples", min(calibration.samples, 8))
+        kw.setdefault("length", min(calibration.length or 512, 512))
+    a = plan(model, _budget(budget), family, method=name, **kw)
     if family == "gguf":
         return a.gguf_types()
-    return a.recipe(base, method=method_config(method))
+    cfg = method if not isinstance(method, str) else method_config(name)
+    if calibration is not None:
+        base = (base or a.recipe()).replace(calibration=calibration)
+    return a.recipe(base, method=cfg)
+
+
+def export_gguf_budget(folder: str | Path, out: str | Path, budget: Budget | str | float | None, *,
+                       imatrix: Imatrix | str | Path | None = None, **kw: Any) -> Any:
+    """Write the float checkpoint ``folder`` as a GGUF file at ``out`` with per-tensor types chosen for
+    ``budget`` (the file's bits per weight, or a size); returns the writer's report (every tensor's type)."""
+    from lowbit.formats.gguf.writer import write_gguf
+
+    im = _imatrix(imatrix)
+    a = plan(folder, _budget(budget), "gguf", imatrix=im, **kw)
+    return write_gguf(folder, out, "MIX", imatrix=im, types=a.gguf_types())
 
 
 def method_config(method: str) -> Any:
-    """The recipe's method config of a sensitivity method name."""
+    """The recipe's method config of a sensitivity method name (defaults)."""
     from lowbit.pipeline.rtn import ImatrixConfig, RTNConfig
 
     return {"gptq": GPTQConfig(), "rtn": RTNConfig(), "imatrix": ImatrixConfig()}[method]
