@@ -343,17 +343,22 @@ def test_cli_sensitivity_measures_and_plots(tmp_path: Path, kq_folder: Path) -> 
     assert s.cost == {t["name"]: t["cost"] for t in d["tensors"]}
 
 
-def test_gguf_overhead_bounds_the_metadata(tmp_path: Path, kq_folder: Path) -> None:
-    """The metadata counted against a GGUF budget is at least what a file holds beside its tensor data, and
-    over-counts by less than the alignment allowance (32 bytes a tensor)."""
+def test_gguf_budget_counts_the_file_to_the_byte(tmp_path: Path, kq_folder: Path) -> None:
+    """Metadata, tensor infos, every tensor's bytes and its 32-byte padding: the allocation's count of a GGUF
+    file is its size, so a budget of the stock file's bits per weight admits the stock mix itself."""
     from lowbit.formats.gguf.writer import write_gguf
+    from lowbit.mixed import Budget, SensitivityConfig, allocate_from, sensitivity
     from lowbit.mixed.api import gguf_overhead
 
-    rep = write_gguf(kq_folder, tmp_path / "q.gguf", "Q4_K_M")
-    data = sum(int(t.n_bytes) for t in gguf.GGUFReader(rep.path).tensors)
-    actual = rep.size_bytes - data
-    bound = gguf_overhead(kq_folder)
-    assert actual <= bound < actual + 32 * len(rep.types)
+    sens = sensitivity(str(kq_folder), SensitivityConfig(family="gguf", samples=1, length=16), progress=False)
+    stock = write_gguf(kq_folder, tmp_path / "q.gguf", "Q4_K_M")
+    counted = gguf_overhead(kq_folder) + sens.fixed_bytes + sum(sens.nbytes(t, stock.types[t.name])
+                                                                for t in sens.tensors)
+    assert counted == stock.size_bytes
+    a = allocate_from(sens, Budget(bpw=stock.bits_per_weight), gguf_overhead(kq_folder))
+    assert a.predicted <= sum(sens.cost[t.name][stock.types[t.name]] for t in sens.tensors)
+    mixed = write_gguf(kq_folder, tmp_path / "m.gguf", "MIX", types=a.gguf_types())
+    assert mixed.size_bytes == gguf_overhead(kq_folder) + sens.fixed_bytes + a.tensor_bytes <= stock.size_bytes
 
 
 def test_compare_entry_points(tmp_path: Path, kq_folder: Path) -> None:

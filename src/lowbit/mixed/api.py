@@ -28,7 +28,7 @@ from lowbit.formats.gguf.imatrix import Imatrix, load_imatrix
 from lowbit.methods.gptq import GPTQConfig
 from lowbit.mixed.budget import Allocation, Budget, allocate_from, parse_budget
 from lowbit.mixed.estimate import SensitivityConfig, estimate, measure
-from lowbit.mixed.sensitivity import Sensitivity
+from lowbit.mixed.sensitivity import Sensitivity, pad
 from lowbit.recipe.schema import Calibration, Recipe
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,9 @@ def sensitivity(model: Any, cfg: SensitivityConfig | None = None, *,
 
 
 def gguf_overhead(folder: str | Path) -> int:
-    """Bytes of a GGUF file beside its tensor data, at most: header, metadata and tokenizer (measured by writing
-    them alone), each tensor's info (name, dims, type, offset: ``8 + len + 4 + 8 * dims + 4 + 8``) and its
-    alignment padding (< 32 bytes)."""
+    """Bytes of a GGUF file before its tensor data: header, metadata and tokenizer (measured by writing them
+    alone), each tensor's info (name, dims, type, offset: ``8 + len + 4 + 8 * dims + 4 + 8``), padded to the
+    32-byte alignment. (Each tensor's own padding is counted with its bytes: ``Sensitivity.nbytes``.)"""
     from lowbit.formats.gguf.convert import HFSource, gguf_tensors
     from lowbit.formats.gguf.writer import write_gguf
 
@@ -111,7 +111,7 @@ def gguf_overhead(folder: str | Path) -> int:
         head = write_gguf(folder, Path(d) / "v.gguf", "F32", vocab_only=True).size_bytes
     tensors = gguf_tensors(HFSource(folder))
     info = sum(8 + len(n) + 4 + 8 * len(t.shape) + 4 + 8 for n, t in tensors.items())
-    return head + info + 32 * len(tensors)
+    return pad(head + info)
 
 
 def plan(model: Any, budget: Budget | str | float, family: str = "int", *, method: str = "gptq",

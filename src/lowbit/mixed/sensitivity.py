@@ -35,6 +35,11 @@ from lowbit.mixed.tensors import TensorEntry
 
 log = logging.getLogger(__name__)
 VERSION = 1
+GGUF_ALIGNMENT = 32  # gguf-py's default: every tensor's data starts on a multiple of it
+
+
+def pad(n: int, to: int = GGUF_ALIGNMENT) -> int:
+    return -(-n // to) * to
 
 
 @dataclass
@@ -61,7 +66,9 @@ class Sensitivity:
         return parse_candidate(name, self.family)
 
     def nbytes(self, tensor: TensorEntry, cand: str) -> int:
-        return self.candidate(cand).nbytes(tensor.shape, self.scale_bytes)
+        """Bytes the file gives ``tensor`` stored as ``cand``: GGUF pads each tensor's data to 32 bytes."""
+        n = self.candidate(cand).nbytes(tensor.shape, self.scale_bytes)
+        return pad(n) if self.family == "gguf" else n
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -95,6 +95,6 @@ def gguf_entries(folder: str | Path) -> tuple[list[TensorEntry], int, int, bool]
                 raise LowbitError(f"GGUF tensor {name} has no Hugging Face module to read")
             entries.append(TensorEntry(name, back[name], (int(shape[0]), int(shape[1])), name))
         else:
-            fixed += 4 * int(np.prod(shape))
+            fixed += -(-4 * int(np.prod(shape)) // 32) * 32  # F32, padded to GGUF's 32-byte alignment
             values += int(np.prod(shape))
     return entries, fixed, values, tied
