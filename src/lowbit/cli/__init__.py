@@ -1,4 +1,4 @@
-"""Command line: ``lowbit run | quantize | eval | models | gguf | imatrix | serve | export``.
+"""Command line: ``lowbit run | quantize | eval | models | gguf | imatrix | sensitivity | serve | export``.
 
 Errors on bad input (:class:`~lowbit.core.errors.LowbitError`) print one clear line and exit 2,
 before any model loads wherever the input can be checked without it.
@@ -19,7 +19,7 @@ from rich.logging import RichHandler  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 from lowbit import __version__  # noqa: E402
-from lowbit.cli import compare, doctor, gguf, models, quantize, serve  # noqa: E402
+from lowbit.cli import compare, doctor, gguf, models, quantize, sensitivity, serve  # noqa: E402
 from lowbit.cli import eval as eval_cmd  # noqa: E402
 from lowbit.cli.common import HelpFormatter, add_common, err_console  # noqa: E402
 from lowbit.core.errors import LowbitError  # noqa: E402
@@ -41,7 +41,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     add_common(p, suppress=False)
     subs = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Handler] = {}
-    for mod in (compare, quantize, eval_cmd, models, gguf, serve, doctor):
+    for mod in (compare, quantize, eval_cmd, models, gguf, sensitivity, serve, doctor):
         handlers.update(mod.register(subs))
     return p, handlers
 

@@ -12,7 +12,9 @@ GGUF_EXAMPLES = """\
   lowbit gguf qwen2.5-coder-0.5b --type Q4_K_M -o qwen-q4km.gguf
   lowbit imatrix qwen2.5-coder-0.5b -o qwen.imatrix.gguf && \\
       lowbit gguf qwen2.5-coder-0.5b --type Q4_K_M --imatrix qwen.imatrix.gguf -o qwen-q4km-im.gguf
-  lowbit gguf out/qwen-w4 -o qwen-w4.gguf          # a lowbit artifact: its codes kept where a type holds them"""
+  lowbit gguf out/qwen-w4 -o qwen-w4.gguf          # a lowbit artifact: its codes kept where a type holds them
+  lowbit gguf gemma3-270m --bpw 4.9 --imatrix g.imatrix.gguf -o gemma-mix.gguf   # per-tensor types, measured
+  lowbit gguf gemma3-270m --types gemma-mix.gguf.types.json -o again.gguf          # replay (or edit) a type map"""
 IMATRIX_EXAMPLES = """\
   lowbit imatrix gemma3-270m -o gemma.imatrix.gguf
   lowbit imatrix ./my-model --calib my_text.jsonl --calib-samples 256 -o my.imatrix.gguf"""
@@ -29,17 +31,32 @@ def _device(name: str) -> str | None:
 
 
 def cmd_gguf(a: argparse.Namespace) -> None:
+    from lowbit.cli.mixed_flags import allocate_args, budget_of, read_types, report_allocation
     from lowbit.core.io import check_output_file
     from lowbit.jobs.gguf import export_gguf
     from lowbit.models.loader import check_spec
 
     check_spec(a.model)
     check_output_file(a.out, overwrite=a.force)
+    budget = budget_of(a)
+    if (budget is not None or a.types) and a.type is not None:
+        raise LowbitError("--type sets llama.cpp's own mix; --bpw / --max-size / --types choose per tensor: give one")
+    types = read_types(a.types) if a.types else None
     if a.imatrix:
         from lowbit.formats.gguf.imatrix import load_imatrix
 
         load_imatrix(a.imatrix)  # a bad file is reported before the model loads
-    rep = export_gguf(a.model, a.out, a.type, imatrix=a.imatrix, device=_device(a.device), force=a.force)
+    if budget is not None:
+        alloc = allocate_args(a, "gguf", budget, imatrix=a.imatrix)
+        report_allocation(alloc)
+        types = alloc.gguf_types()
+    rep = export_gguf(a.model, a.out, a.type, imatrix=a.imatrix, device=_device(a.device), force=a.force,
+                      types=types)
+    if budget is not None:
+        from lowbit.core.io import write_json_atomic
+
+        write_json_atomic(str(a.out) + ".types.json", {"budget": budget.label, "types": types})
+        say(f"type map: {a.out}.types.json (replay or edit it with --types)")
     if rep.carried or rep.carried_rounded or rep.requantized:
         say(f"lowbit codes carried over as they are: {len(rep.carried)} tensor(s); carried with the float16 rounding "
             f"of a scale or min: {len(rep.carried_rounded)}; re-quantized to the file's type: {len(rep.requantized)}"
@@ -83,6 +100,9 @@ def register(subs: Any) -> dict[str, Any]:
     g.add_argument("--imatrix", default=None, help="importance matrix (GGUF or legacy .dat, ours or llama.cpp's)")
     g.add_argument("--device", default="cpu", help="where the encoders run: cpu, cuda, auto")
     g.add_argument("--force", action="store_true", help="replace an existing output file")
+    from lowbit.cli.mixed_flags import add_budget_flags
+
+    add_budget_flags(g, "gguf")
 
     m = sub(subs, "imatrix", "compute an importance matrix in llama.cpp's GGUF format", IMATRIX_EXAMPLES)
     m.add_argument("model", help="offline source name, model folder, .gguf file or hub id")

@@ -113,6 +113,9 @@ def register(subs: Any) -> dict[str, Any]:
     e.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
                    help="save each finished block of a calibrated run so --resume can continue it (default: on on "
                         "a CPU; off on a GPU, where saving each block's activations costs more than a rerun)")
+    from lowbit.cli.mixed_flags import add_budget_flags
+
+    add_budget_flags(q, "int")
     return {"quantize": cmd_quantize}
 
 
@@ -138,10 +141,15 @@ def recipe_from_args(a: argparse.Namespace) -> Any:
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
+    from lowbit.cli.mixed_flags import budget_of
     from lowbit.jobs.quantization import quantize
     from lowbit.pipeline.engine import Engine
 
-    recipe = recipe_from_args(a)
+    budget = budget_of(a)
+    if budget is not None:
+        recipe = _budgeted_recipe(a, budget)
+    else:
+        recipe = recipe_from_args(a)
     if a.threads:
         import torch
 
@@ -158,6 +166,26 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     say(f"wrote {res.path}: {res.n_linears} linears ({labels}) in {res.seconds:.1f} s, "
         f"{res.bits_per_weight:.3f} bits/weight, {res.size_bytes / 1e6:.1f} MB; "
         f"kept in 16-bit: {', '.join(res.kept) or 'none'}")
+
+
+def _budgeted_recipe(a: argparse.Namespace, budget: Any) -> Any:
+    """The recipe of ``--bpw`` / ``--max-size``: the flags' recipe with the allocation's scheme and overrides."""
+    from lowbit.cli.mixed_flags import allocate_args, report_allocation
+
+    if a.scheme is not None or a.override or a.ignore:
+        raise LowbitError("--bpw / --max-size choose each layer's scheme: drop --scheme, --override and --ignore "
+                          "(or allocate with `lowbit sensitivity`, then edit the recipe the artifact holds)")
+    label = a.method or "rtn"
+    sens_method = {"rtn": "rtn", "imatrix-rtn": "imatrix", "gptq": "gptq"}.get(label)
+    if sens_method is None:
+        raise LowbitError(f"--bpw allocates for rtn, imatrix-rtn or gptq, not {label}")
+    a.scheme = "W4A16"  # a placeholder: the allocation replaces it
+    base = recipe_from_args(a)
+    a.scheme = None
+    scale_bytes = 4 if a.dtype == "float32" else 2
+    alloc = allocate_args(a, "int", budget, method=sens_method, calib=a.calib, scale_bytes=scale_bytes)
+    report_allocation(alloc)
+    return alloc.recipe(base)
 
 
 def _schemes(recipe: Any) -> list[Any]:

@@ -56,11 +56,12 @@ def model_folder(spec: str, scratch: Path) -> Iterator[Path]:
 
 
 def export_gguf(spec: str, out: str | Path, file_type: str | None = None, *, imatrix: str | Path | None = None,
-                device: str | None = None, force: bool = False) -> GGUFReport:
+                device: str | None = None, force: bool = False, types: dict[str, str] | None = None) -> GGUFReport:
     """Write ``spec`` as a GGUF ``file_type`` file at ``out`` (llama.cpp's types, mixing rules and bytes).
 
     ``file_type`` None: ``AUTO`` for a lowbit-quantized folder (keeps its codes where a type holds them),
-    else Q4_K_M.
+    else Q4_K_M. ``types`` (GGUF name -> type, e.g. a :mod:`lowbit.mixed` allocation) sets every tensor's type;
+    ``file_type`` is then the report's label (default ``MIX``).
     """
     out = Path(out)
     if out.exists() and not force:
@@ -68,11 +69,13 @@ def export_gguf(spec: str, out: str | Path, file_type: str | None = None, *, ima
     im = load_imatrix(imatrix) if imatrix else None
     out.parent.mkdir(parents=True, exist_ok=True)
     with model_folder(spec, out.parent) as folder:
+        if file_type is None and types is not None:
+            file_type = "MIX"
         if file_type is None:
             from lowbit.formats.hf_folder import read_config
 
             file_type = "AUTO" if "quantization_config" in read_config(folder) else "Q4_K_M"
-        rep = write_gguf(folder, out, file_type, imatrix=im, device=device)
+        rep = write_gguf(folder, out, file_type, imatrix=im, device=device, types=types)
     if im is not None and rep.no_imatrix:
         log.warning("no imatrix entry for %d tensor(s) (quantized without one): %s", len(rep.no_imatrix),
                     ", ".join(rep.no_imatrix[:5]))

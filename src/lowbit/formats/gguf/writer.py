@@ -17,13 +17,14 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from gguf import LlamaFileType
 
 from lowbit import __version__
 from lowbit.core.errors import LowbitError
 from lowbit.core.io import check_replaceable_gguf, clean_stale, publish, unique_temp
 from lowbit.core.scheme import QuantScheme
 from lowbit.formats.gguf.convert import HFSource, add_arch_metadata, gguf_tensors
-from lowbit.formats.gguf.encode import quantize_rows
+from lowbit.formats.gguf.encode import SUPPORTED, quantize_rows
 from lowbit.formats.gguf.from_qweight import closest_type, direct_type, encode_direct
 from lowbit.formats.gguf.ftypes import FILE_TYPES, allows_quantization, fallback, get_file_type, llama_order, plan_types
 from lowbit.formats.gguf.imatrix import Imatrix
@@ -88,30 +89,75 @@ def plan_auto(shapes: dict[str, tuple[int, ...]], quantized: set[str], scheme: Q
     return types, fell
 
 
+def plan_mixed(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) -> tuple[dict[str, Q], LlamaFileType]:
+    """Per-tensor types from ``types`` (GGUF name -> type name, one for every tensor llama.cpp may quantize;
+    the rest F32), checked before any work, and the file type naming the mix: the stock file type whose main
+    type holds the most weights (``general.file_type`` is informational in llama.cpp)."""
+    out: dict[str, Q] = {}
+    unknown = sorted(set(types) - set(shapes))
+    if unknown:
+        raise LowbitError(f"the type map names tensors this model does not have: {', '.join(unknown[:5])}")
+    for n, shape in shapes.items():
+        if not allows_quantization(n, len(shape)):
+            if n in types:
+                raise LowbitError(f"{n} is not quantized by llama.cpp (norms and 1-D tensors stay F32); drop it "
+                                  "from the type map")
+            out[n] = Q.F32
+            continue
+        if n not in types:
+            raise LowbitError(f"the type map gives no type for {n}; every quantizable tensor needs one")
+        key = types[n].upper()
+        t = Q.__members__.get(key)
+        if t is None or t not in SUPPORTED:
+            raise LowbitError(f"{n}: type {types[n]!r} is not one lowbit writes; use one of "
+                              f"{', '.join(sorted(x.name for x in SUPPORTED))}")
+        block = gguf.GGML_QUANT_SIZES[t][0]
+        if shape[-1] % block:
+            raise LowbitError(f"{n}: {t.name} needs rows of a multiple of {block} values, and this tensor's rows "
+                              f"have {shape[-1]}; pick a type whose block divides it (e.g. Q5_0, Q8_0)")
+        out[n] = t
+    weights: dict[Q, int] = {}
+    for n, t in out.items():
+        if t != Q.F32:
+            weights[t] = weights.get(t, 0) + int(np.prod(shapes[n]))
+    main = max(sorted(weights, key=lambda t: t.name), key=lambda t: weights[t]) if weights else Q.F32
+    name = {Q.Q3_K: "Q3_K_M", Q.Q4_K: "Q4_K_M", Q.Q5_K: "Q5_K_M"}.get(main, main.name)
+    return out, FILE_TYPES[name][0] if name in FILE_TYPES else LlamaFileType.MOSTLY_Q8_0
+
+
 def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *, imatrix: Imatrix | None = None,
                name: str | None = None, device: str | None = None, vocab_only: bool = False,
-               progress: Callable[[int, int, str], None] | None = None) -> GGUFReport:
+               progress: Callable[[int, int, str], None] | None = None,
+               types: dict[str, str] | None = None) -> GGUFReport:
     """Convert the Hugging Face model in ``folder`` to GGUF ``file_type`` at ``out`` (llama.cpp's mixing rules).
 
     ``imatrix`` (keys: GGUF tensor names) weights the rounding of the types that use one, as llama.cpp does.
     ``vocab_only`` writes the metadata and tokenizer without tensors (llama.cpp loads it with ``vocab_only``).
     A lowbit pack-quantized artifact keeps its integer codes where the file's type holds them (see
     ``from_qweight``); ``file_type="auto"`` picks, per tensor, the type closest to the artifact's scheme.
+    ``types`` (GGUF name -> type name, e.g. from :mod:`lowbit.mixed`) replaces the file type's rules with one
+    type per tensor; ``file_type`` is then only the report's label. Each tensor's bytes are those llama.cpp's
+    quantizer writes for its type.
     """
     t0 = time.perf_counter()
     src = HFSource(folder)
     tensors = gguf_tensors(src)
     shapes = {n: t.shape for n, t in tensors.items()}
-    if file_type.upper() == "AUTO":
+    if types is not None:
+        if src.scheme is not None:
+            raise LowbitError("a per-tensor type map starts from a float checkpoint, not a quantized artifact")
+        types_q, ftype = plan_mixed(shapes, types)
+        fell: list[str] = []
+    elif file_type.upper() == "AUTO":
         if src.scheme is None:
             raise LowbitError("--type auto is for lowbit-quantized artifacts; give a file type (e.g. Q4_K_M)")
-        types, fell = plan_auto(shapes, {n for n, t in tensors.items() if t.qweight}, src.scheme, src.has_g_idx)
+        types_q, fell = plan_auto(shapes, {n for n, t in tensors.items() if t.qweight}, src.scheme, src.has_g_idx)
         ftype = FILE_TYPES[{Q.Q8_0: "Q8_0", Q.Q4_0: "Q4_0", Q.Q4_1: "Q4_1", Q.Q5_0: "Q5_0", Q.Q5_1: "Q5_1",
                             Q.Q2_K: "Q2_K", Q.Q3_K: "Q3_K_S", Q.Q4_K: "Q4_K_S", Q.Q5_K: "Q5_K_S",
                             Q.Q6_K: "Q6_K"}[closest_type(src.scheme)]][0]
     else:
         ftype, _ = get_file_type(file_type)
-        types, fell = plan_types(shapes, file_type, src.shape(), has_imatrix=imatrix is not None)
+        types_q, fell = plan_types(shapes, file_type, src.shape(), has_imatrix=imatrix is not None)
     direct = direct_type(src.scheme, src.has_g_idx) if src.scheme else None
     carried: list[str] = []
     rounded: list[str] = []
@@ -135,7 +181,7 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
         load_vocab(src.folder, n_vocab).add_to(w, src.folder, n_vocab)
         order = [] if vocab_only else llama_order(list(tensors))
         for n in order:
-            t = types[n]
+            t = types_q[n]
             w.add_tensor_info(n, _byte_shape(shapes[n], t), np.dtype(_np_dtype(t)),
                               int(np.prod(_byte_shape(shapes[n], t))) * np.dtype(_np_dtype(t)).itemsize,
                               raw_dtype=None if t in (Q.F32, Q.F16) else t)
@@ -146,7 +192,7 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
         for i, n in enumerate(order):
             if progress:
                 progress(i, len(order), n)
-            t = types[n]
+            t = types_q[n]
             qfn = tensors[n].qweight
             if qfn is not None and t == direct:
                 tq, q, exact = encode_direct(qfn())
@@ -175,7 +221,7 @@ def write_gguf(folder: str | Path, out: str | Path, file_type: str = "Q4_K_M", *
         tmp.unlink(missing_ok=True)
         raise
     n_params = sum(int(np.prod(shapes[n])) for n in order)
-    rep = GGUFReport(out, file_type.upper(), {n: types[n].name for n in order}, fell, no_im, carried, rounded,
+    rep = GGUFReport(out, file_type.upper(), {n: types_q[n].name for n in order}, fell, no_im, carried, rounded,
                      requant, out.stat().st_size, n_params, time.perf_counter() - t0)
     log.info("wrote %s: %s, %.2f bits/weight, %s", out, rep.file_type, rep.bits_per_weight, rep.type_counts())
     return rep
