@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_model_dir
 
+from conftest import make_tiny_model_dir
 from lowbit.cli import main
 from lowbit.jobs.gate import Gate, verdict
 
