@@ -47,7 +47,7 @@ def test_trained_fake_quant_model_equals_exported_artifact(tmp_path: Path, arch:
     recipe = Recipe(get_scheme(preset, group_size=gs), method or Recipe(get_scheme(preset)).method)
     lm = _prepared(folder, recipe)
     teacher = load_model(str(folder)).model
-    cfg = TrainConfig(steps=3, lr=1e-2, scale_lr=1e-2, zero_lr=0.5, warmup=0.0, log_every=1000)
+    cfg = TrainConfig(steps=3, lr=1e-2, scale_lr=1e-2, zero_lr=0.5, warmup=0.0, log_every=1000, compile=False)
     before = {n: m.qweight() for n, m in fake_quant_layers(lm.model).items()}
     train(lm.model, _tokens(), cfg, teacher=teacher, progress=False)
     after = {n: m.qweight() for n, m in fake_quant_layers(lm.model).items()}
@@ -85,6 +85,30 @@ def test_straight_through_and_lsq_gradients() -> None:
     assert z1.grad.item() == pytest.approx(-1.0)  # type: ignore[union-attr]
 
 
+def test_compiled_kernels_equal_the_eager_ones() -> None:
+    """What training runs (torch.compile'd kernels, bf16 output for autocast) equals the eager arithmetic."""
+    from lowbit.qat.fakequant import compiled
+
+    torch.manual_seed(1)
+    w = torch.randn(40, 5, 16, requires_grad=True)
+    s = (torch.rand(40, 5, 1) * 0.2 + 0.1).requires_grad_()
+    z = torch.randint(0, 16, (40, 5, 1)).float().requires_grad_()
+    g = torch.randn(40, 5, 16)
+    outs, grads = [], []
+    for on in (False, True):
+        for dtype in (torch.float32, torch.bfloat16):
+            with compiled(on):
+                y = FakeQuant.apply(w, s, z, 15, dtype)
+                (y.float() * g).sum().backward()
+            outs.append(y)
+            grads.append([t.grad.clone() for t in (w, s, z)])  # type: ignore[union-attr]
+            for t in (w, s, z):
+                t.grad = None
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3]) and outs[1].dtype == torch.bfloat16
+    for a, b in zip(grads[0], grads[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_prepare_starts_at_the_ptq_result_and_only_quantized_layers_train(tmp_path: Path) -> None:
     folder = make_tiny_model_dir(tmp_path / "m", "llama")
     recipe = Recipe(get_scheme("W4A16", group_size=32), ignore=("model.layers.1.mlp.down_proj",))
@@ -111,8 +135,8 @@ def test_a_few_steps_lower_the_distillation_loss(tmp_path: Path) -> None:
     folder = make_tiny_model_dir(tmp_path / "m", "llama")
     lm = _prepared(folder, Recipe(get_scheme("W2A16", group_size=16)))
     teacher = load_model(str(folder)).model
-    res = train(lm.model, _tokens(4, 24), TrainConfig(steps=30, lr=2e-3, scale_lr=2e-3, warmup=0.0, log_every=1000),
-                teacher=teacher, progress=False)
+    cfg = TrainConfig(steps=30, lr=2e-3, scale_lr=2e-3, warmup=0.0, log_every=1000, compile=False)
+    res = train(lm.model, _tokens(4, 24), cfg, teacher=teacher, progress=False)
     first, last = res.mean_loss(True, 4), res.mean_loss(False, 4)
     assert first is not None and last is not None and last < 0.7 * first
 
@@ -121,7 +145,8 @@ def test_resumed_run_continues_identically(tmp_path: Path) -> None:
     folder = make_tiny_model_dir(tmp_path / "m", "llama")
     recipe = Recipe(get_scheme("W3A16_ASYM", group_size=32))
     teacher = load_model(str(folder)).model
-    cfg = TrainConfig(steps=6, lr=1e-3, scale_lr=1e-3, checkpoint_every=2, batch_size=3, log_every=1000)
+    cfg = TrainConfig(steps=6, lr=1e-3, scale_lr=1e-3, checkpoint_every=2, batch_size=3, log_every=1000,
+                      compile=False)
     tokens = _tokens(4, 16)
     straight = _prepared(folder, recipe)
     full = train(straight.model, tokens, cfg, teacher=teacher, progress=False)
@@ -144,7 +169,7 @@ def test_resumed_run_continues_identically(tmp_path: Path) -> None:
     from lowbit.core.errors import LowbitError
 
     with pytest.raises(LowbitError, match="another run"):
-        train(other.model, tokens, TrainConfig(steps=6, lr=5e-4, checkpoint_every=2), teacher=teacher,
+        train(other.model, tokens, TrainConfig(steps=6, lr=5e-4, checkpoint_every=2, compile=False), teacher=teacher,
               checkpoint_dir=tmp_path / "ck", resume=True, progress=False)
 
 
@@ -175,8 +200,8 @@ def test_gguf_export_carries_the_trained_codes(tmp_path: Path) -> None:
 
     folder = make_tiny_model_dir(tmp_path / "m", "llama")
     lm = _prepared(folder, Recipe(get_scheme("W4A16", group_size=32)))
-    train(lm.model, _tokens(), TrainConfig(steps=2, lr=1e-3, scale_lr=1e-3, warmup=0.0), teacher=load_model(
-        str(folder)).model, progress=False)
+    cfg = TrainConfig(steps=2, lr=1e-3, scale_lr=1e-3, warmup=0.0, compile=False)
+    train(lm.model, _tokens(), cfg, teacher=load_model(str(folder)).model, progress=False)
     out = convert(lm.model, tmp_path / "m.gguf", tokenizer=lm.tokenizer, format="gguf")
     tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
     q = lm.model.get_submodule("model.layers.1.mlp.down_proj").fake_weight().detach().numpy()

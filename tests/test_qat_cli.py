@@ -29,7 +29,7 @@ def _qat(tmp_path: Path, model: Path, out: Path, *extra: str) -> int:
     train, ev = _texts(tmp_path)
     return main(["qat", str(model), "--scheme", "W2A16", "--group-size", "16", "--steps", "3", "--seq-len", "16",
                  "--samples", "6", "--calib", str(train), "--data", str(ev), "--eval-ctx", "64", "--no-progress",
-                 "--checkpoint-every", "2", "-o", str(out), *extra])
+                 "--checkpoint-every", "2", "--no-compile", "-o", str(out), *extra])
 
 
 def test_qat_writes_an_artifact_with_its_training_log(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_training_on_the_evaluation_text_is_refused(tmp_path: Path, capsys: pyte
     model = make_tiny_model_dir(tmp_path / "m", "llama")
     _, ev = _texts(tmp_path)
     code = main(["qat", str(model), "--scheme", "W4A16", "--group-size", "32", "--steps", "1", "--seq-len", "16",
-                 "--calib", str(ev), "--data", str(ev), "--no-progress", "-o", str(tmp_path / "out")])
+                 "--calib", str(ev), "--data", str(ev), "--no-progress", "--no-compile", "-o", str(tmp_path / "out")])
     assert code == 2 and "inflates every result" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

@@ -46,6 +46,10 @@ def register(subs: Any) -> dict[str, Any]:
                    help="latent weights: the float weights moved into the PTQ codes' cells, or the PTQ weights")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass "
                                                                      "(less memory, ~30%% more time)")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="fuse the fake-quant arithmetic with torch.compile (default on; eager where it fails)")
+    t.add_argument("--train-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="dtype of the training matmuls (autocast); weights, optimizer and loss stay float32")
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="save a checkpoint every N steps "
                                                                                 "(OUT.checkpoint)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint when it holds this run")
@@ -70,6 +74,7 @@ def config_from_args(a: argparse.Namespace) -> Any:
     lrs = {k: v for k, v in (("lr", a.lr), ("scale_lr", a.scale_lr), ("zero_lr", a.zero_lr)) if v is not None}
     tc = TrainConfig(steps=a.steps, batch_size=a.batch_size, loss="kd" if a.distill else "ce",
                      grad_checkpointing=a.grad_checkpointing, checkpoint_every=a.checkpoint_every,
+                     compile=a.compile, autocast=None if a.train_dtype == "float32" else a.train_dtype,
                      seed=a.seed or 0, **lrs)
     return QATConfig(tc, corpus=a.calib, samples=a.samples, seq_len=a.seq_len, train_weights=not a.freeze_weights,
                      init=a.init, eval_data=a.data, max_overlap=a.max_overlap)

@@ -149,7 +149,8 @@ def run(model: str | Path | LoadedModel, recipe: Recipe, out: str | Path, config
              ov.eval_corpus, ov.shared, ov.train_ngrams, ov.n, 100 * ov.fraction)
     ckdir = checkpoint_dir(out)
     res = train(lm.model, tokens, config.train, teacher=teacher if config.train.loss == "kd" else None,
-                checkpoint_dir=ckdir if config.train.checkpoint_every else None, resume=resume, progress=progress)
+                checkpoint_dir=ckdir if config.train.checkpoint_every or resume else None, resume=resume,
+                progress=progress)
     lm.model.to("cpu")
     teacher.to("cpu")
     weights = qweights(lm.model)

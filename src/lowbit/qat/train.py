@@ -12,7 +12,8 @@ cosine to zero; gradients are clipped to ``max_grad_norm``.
 
 The forward passes run under ``torch.autocast`` (bfloat16 matmuls by default: twice the float32 rate on
 CPUs with AVX-512 BF16 or AMX, and the usual choice on GPUs); parameters, optimizer state, the fake-quant
-arithmetic and the loss stay float32.
+arithmetic and the loss stay float32. The fake-quant kernels run compiled (``torch.compile``, one fused
+loop per pass) unless ``compile`` is off.
 
 Batches are fixed by the seed: epoch ``e`` visits the training windows in the order of a permutation
 drawn from ``seed + e``, so step ``k`` always sees the same windows, and a run resumed from a
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.core.errors import LowbitError
-from lowbit.qat.fakequant import FakeQuantLinear
+from lowbit.qat.fakequant import FakeQuantLinear, compiled
 
 log = logging.getLogger("lowbit.qat")
 
@@ -62,6 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_checkpointing: bool = False
     autocast: str | None = "bfloat16"  # matmuls in this dtype (torch.autocast); None: the model's dtype
+    compile: bool = True  # the fake-quant kernels through torch.compile (eager where that fails)
     checkpoint_every: int = 0  # steps; 0: no checkpoints
     seed: int = 0
     log_every: int = 10
@@ -202,6 +204,8 @@ def train(model: nn.Module, tokens: torch.Tensor, cfg: TrainConfig, *, teacher: 
     trainable = [p for g in groups for p in g["params"]]
     amp = torch.autocast(dev.type, dtype=getattr(torch, cfg.autocast or "bfloat16"), enabled=cfg.autocast is not None)
     t0 = time.perf_counter()
+    kernels = compiled(cfg.compile)
+    kernels.__enter__()
     try:
         for step in range(start, cfg.steps):
             ts = time.perf_counter()
@@ -231,6 +235,7 @@ def train(model: nn.Module, tokens: torch.Tensor, cfg: TrainConfig, *, teacher: 
             if on_step is not None:
                 on_step(step + 1, entry)
     finally:
+        kernels.__exit__(None, None, None)
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_disable()  # type: ignore[operator]
         model.eval()
