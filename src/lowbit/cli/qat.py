@@ -42,8 +42,9 @@ def register(subs: Any) -> dict[str, Any]:
                    help="knowledge distillation from the float model (KL on logits); --no-distill: next-token loss "
                         "(default on)")
     t.add_argument("--freeze-weights", action="store_true", help="train scales and zero points only")
-    t.add_argument("--init", choices=["project", "ptq"], default="project",
-                   help="latent weights: the float weights moved into the PTQ codes' cells, or the PTQ weights")
+    t.add_argument("--init", choices=["auto", "project", "ptq"], default="auto",
+                   help="latent weights: the float weights moved into the PTQ codes' cells (project), the PTQ "
+                        "weights (ptq), or auto: project after RTN, ptq after GPTQ/AWQ")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass "
                                                                      "(less memory, ~30%% more time)")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,

@@ -57,7 +57,7 @@ class QATConfig:
     samples: int = 512
     seq_len: int = 256
     train_weights: bool = True
-    init: str = "project"
+    init: str = "auto"
     eval_data: str | None = None
     max_overlap: float = 0.01
 
