@@ -14,6 +14,7 @@ section: configuration, data, overlap check, losses, timings), ``qat.json`` (the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -126,9 +127,12 @@ def run(model: str | Path | LoadedModel, recipe: Recipe, out: str | Path, config
     eval_label, eval_str = eval_text(config.eval_data or gate.data)
     if needs_calibration(recipe):
         resolve_calibration(recipe)
-    lm = _load(model)
+    if isinstance(model, LoadedModel):  # the caller's model stays as it is: it is the teacher, a copy trains
+        lm, teacher = copy.deepcopy(model), model.model.eval()
+    else:
+        lm = _load(model)
+        teacher = _load(model).model.eval()
     checksum = SourceChecksum(Path(lm.path))
-    teacher = _load(str(lm.path) if isinstance(model, LoadedModel) else model).model.eval()
     cal: torch.Tensor | None = None
     if needs_calibration(recipe):
         recipe, texts, _ = resolve_calibration(recipe)
