@@ -223,3 +223,19 @@ def test_gguf_export_carries_the_trained_codes(tmp_path: Path) -> None:
     lm3 = _prepared(folder, Recipe(get_scheme("W3A16", group_size=32)))
     with pytest.raises(LowbitError, match="no GGUF type"):
         convert(lm3.model, tmp_path / "w3.gguf", format="gguf")
+
+
+def test_block_wise_phase_lowers_each_blocks_error_and_still_exports_exactly(tmp_path: Path) -> None:
+    from lowbit.qat.blocks import BlockConfig, train_blocks
+
+    folder = make_tiny_model_dir(tmp_path / "m", "gemma3")  # per-layer attention kwargs (sliding and full)
+    lm = _prepared(folder, Recipe(get_scheme("W2A16", group_size=16)))
+    teacher = load_model(str(folder)).model
+    res = train_blocks(lm.model, teacher, _tokens(6, 24), BlockConfig(epochs=4, lr=2e-3, scale_lr=2e-3,
+                                                                      compile=False), progress=False)
+    assert len(res.blocks) == 2 and res.steps_per_block == 24
+    assert all(b["loss_last_epoch"] < 0.8 * b["loss_first_epoch"] for b in res.blocks)
+    convert(lm.model, tmp_path / "art", tokenizer=lm.tokenizer)
+    ids = _tokens(1, 20, seed=3)
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, load_artifact(tmp_path / "art")(ids).logits)

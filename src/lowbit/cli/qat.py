@@ -31,13 +31,21 @@ def register(subs: Any) -> dict[str, Any]:
     q.add_argument("--force", action="store_true", help="replace an existing lowbit artifact at --out")
     add_recipe_args(q)
     t = q.add_argument_group("training")
-    t.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    t.add_argument("--steps", type=int, default=300, help="end-to-end optimizer steps (0: block-wise only)")
     t.add_argument("--lr", type=float, default=None, help="learning rate of the latent weights (default 1e-5)")
     t.add_argument("--scale-lr", type=float, default=None, help="learning rate of the scales (default 1e-4)")
     t.add_argument("--zero-lr", type=float, default=None, help="learning rate of the zero points (default 1e-3)")
     t.add_argument("--batch-size", type=int, default=1, help="windows per step")
     t.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
     t.add_argument("--samples", type=int, default=512, help="distinct training windows drawn from --calib")
+    t.add_argument("--block-epochs", type=int, default=0, metavar="N",
+                   help="first train each block to reproduce the float block, N passes over --block-samples windows "
+                        "(EfficientQAT's Block-AP; 0: off)")
+    t.add_argument("--block-samples", type=int, default=64, help="windows of the block-wise phase")
+    t.add_argument("--block-lr", type=float, default=None, help="block-wise learning rate of the latent weights "
+                                                                "(default 1e-4)")
+    t.add_argument("--block-scale-lr", type=float, default=None, help="block-wise learning rate of the scales "
+                                                                      "(default 1e-4)")
     t.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
                    help="knowledge distillation from the float model (KL on logits); --no-distill: next-token loss "
                         "(default on)")
@@ -63,13 +71,17 @@ def register(subs: Any) -> dict[str, Any]:
 
 
 def config_from_args(a: argparse.Namespace) -> Any:
+    from lowbit.qat.blocks import BlockConfig
     from lowbit.qat.job import QATConfig
     from lowbit.qat.train import TrainConfig
 
-    for flag, v in (("--steps", a.steps), ("--batch-size", a.batch_size), ("--samples", a.samples),
-                    ("--seq-len", a.seq_len)):
-        if v < 1:
-            raise LowbitError(f"{flag} must be >= 1, got {v}")
+    for flag, v, lo in (("--steps", a.steps, 0), ("--batch-size", a.batch_size, 1), ("--samples", a.samples, 1),
+                        ("--seq-len", a.seq_len, 2), ("--block-epochs", a.block_epochs, 0),
+                        ("--block-samples", a.block_samples, 1)):
+        if v < lo:
+            raise LowbitError(f"{flag} must be >= {lo}, got {v}")
+    if a.steps == 0 and a.block_epochs == 0:
+        raise LowbitError("nothing to train: give --steps or --block-epochs")
     if not 0 <= a.max_overlap <= 1:
         raise LowbitError(f"--max-overlap is a fraction in [0, 1], got {a.max_overlap}")
     lrs = {k: v for k, v in (("lr", a.lr), ("scale_lr", a.scale_lr), ("zero_lr", a.zero_lr)) if v is not None}
@@ -77,7 +89,10 @@ def config_from_args(a: argparse.Namespace) -> Any:
                      grad_checkpointing=a.grad_checkpointing, checkpoint_every=a.checkpoint_every,
                      compile=a.compile, autocast=None if a.train_dtype == "float32" else a.train_dtype,
                      seed=a.seed or 0, **lrs)
-    return QATConfig(tc, corpus=a.calib, samples=a.samples, seq_len=a.seq_len, train_weights=not a.freeze_weights,
+    blrs = {k: v for k, v in (("lr", a.block_lr), ("scale_lr", a.block_scale_lr)) if v is not None}
+    bc = BlockConfig(epochs=a.block_epochs, samples=a.block_samples, compile=a.compile, seed=a.seed or 0,
+                     autocast=None if a.train_dtype == "float32" else a.train_dtype, **blrs)
+    return QATConfig(tc, bc, corpus=a.calib, samples=a.samples, seq_len=a.seq_len, train_weights=not a.freeze_weights,
                      init=a.init, eval_data=a.data, max_overlap=a.max_overlap)
 
 

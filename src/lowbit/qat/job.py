@@ -4,6 +4,7 @@
     load the model twice: the student and the float teacher
     prepare: the recipe's PTQ method, then fake-quant linears      (lowbit.qat.prepare)
     training windows, checked disjoint from the evaluation text    (lowbit.qat.data)
+    optionally block by block: each block against the float block  (lowbit.qat.blocks)
     train: KD or next-token loss, AdamW, checkpoints               (lowbit.qat.train)
     convert through the exporters, gated if thresholds are given   (lowbit.qat.convert, lowbit.jobs.gate)
 
@@ -34,6 +35,7 @@ from lowbit.jobs.provenance import SourceChecksum, record, source_name
 from lowbit.jobs.quantization import bits_per_weight, needs_calibration, resolve_calibration
 from lowbit.models.loader import LoadedModel, check_spec, load_model, model_size_bytes
 from lowbit.pipeline.engine import Engine
+from lowbit.qat.blocks import BlockConfig, train_blocks
 from lowbit.qat.convert import convert, qweights
 from lowbit.qat.data import check_disjoint, overlap
 from lowbit.qat.prepare import INITS, check_recipe, prepare, qat_state
@@ -54,6 +56,7 @@ class QATConfig:
     (None: the gate's corpus, else the default evaluation corpus)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
+    blocks: BlockConfig = field(default_factory=lambda: BlockConfig(epochs=0))
     corpus: str | None = None
     samples: int = 512
     seq_len: int = 256
@@ -71,6 +74,7 @@ class QATConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["train"] = self.train.to_dict()
+        d["blocks"] = self.blocks.to_dict()
         return d
 
 
@@ -149,8 +153,11 @@ def run(model: str | Path | LoadedModel, recipe: Recipe, out: str | Path, config
 
     ov = overlap(tokens, tokenize_corpus(lm.tokenizer, eval_str), config.corpus or "c4", eval_label)
     check_disjoint(ov, config.max_overlap)
+    if resume and config.blocks.epochs:
+        log.warning("--resume continues the end-to-end phase; the block-wise phase runs again (it is deterministic)")
     log.info("training text %s vs evaluation text %s: %d of %d %d-grams shared (%.3f%%)", ov.train_corpus,
              ov.eval_corpus, ov.shared, ov.train_ngrams, ov.n, 100 * ov.fraction)
+    blk = train_blocks(lm.model, teacher, tokens, config.blocks, progress=progress)
     ckdir = checkpoint_dir(out)
     res = train(lm.model, tokens, config.train, teacher=teacher if config.train.loss == "kd" else None,
                 checkpoint_dir=ckdir if config.train.checkpoint_every or resume else None, resume=resume,
@@ -160,6 +167,7 @@ def run(model: str | Path | LoadedModel, recipe: Recipe, out: str | Path, config
     weights = qweights(lm.model)
     section = {"config": config.to_dict(), "train_corpus": ov.train_corpus, "train_windows": list(tokens.shape),
                "overlap": ov.to_dict(), "init": st.init, "ptq_seconds": round(st.ptq_seconds, 2),
+               "block_seconds": round(blk.seconds, 2), "block_steps": blk.steps_per_block, "blocks": blk.blocks,
                "train_seconds": round(res.seconds, 2), "steps": res.steps, "resumed_from": res.resumed_from,
                "loss_first10": res.mean_loss(True), "loss_last10": res.mean_loss(False)}
     rec = record(source_name(str(model) if not isinstance(model, LoadedModel) else lm.name, Path(lm.path)),

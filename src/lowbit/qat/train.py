@@ -69,8 +69,8 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise LowbitError(f"steps ({self.steps}) and batch size ({self.batch_size}) must be >= 1")
+        if self.steps < 0 or self.batch_size < 1:
+            raise LowbitError(f"steps ({self.steps}) must be >= 0 and batch size ({self.batch_size}) >= 1")
         if self.loss not in LOSSES:
             raise LowbitError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if min(self.lr, self.scale_lr, self.zero_lr) < 0 or not 0 <= self.warmup < 1:
