@@ -1,7 +1,8 @@
-"""Command line: ``lowbit run | quantize | eval | models | gguf | imatrix | sensitivity | serve | export``.
+"""Command line: ``lowbit run | quantize | qat | eval | models | gguf | imatrix | sensitivity | serve | export``.
 
 Errors on bad input (:class:`~lowbit.core.errors.LowbitError`) print one clear line and exit 2,
-before any model loads wherever the input can be checked without it.
+before any model loads wherever the input can be checked without it; an artifact that misses its
+threshold gate (:class:`~lowbit.jobs.gate.GateFailed`) exits 3.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.logging import RichHandler  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 from lowbit import __version__  # noqa: E402
-from lowbit.cli import compare, doctor, gguf, models, quantize, sensitivity, serve  # noqa: E402
+from lowbit.cli import compare, doctor, gguf, models, qat, quantize, sensitivity, serve  # noqa: E402
 from lowbit.cli import eval as eval_cmd  # noqa: E402
 from lowbit.cli.common import HelpFormatter, add_common, err_console  # noqa: E402
 from lowbit.core.errors import LowbitError  # noqa: E402
@@ -29,6 +30,7 @@ EXAMPLES = """\
   lowbit run                                              # compare schemes on SmolLM2-135M, recommend one
   lowbit quantize qwen2.5-coder-0.5b --scheme W4A16 --method gptq -o out/qwen-w4
   lowbit quantize ./my-model --recipe recipe.yaml -o out/my-w4
+  lowbit qat smollm2-135m --scheme W3A16 --group-size 64 --max-ppl-increase 40 -o out/smol-w3-qat
   lowbit eval out/qwen-w4 --reference qwen2.5-coder-0.5b
   lowbit gguf qwen2.5-coder-0.5b --type Q4_K_M -o qwen-q4km.gguf
 run `lowbit COMMAND --help` for each command's options and examples"""
@@ -41,7 +43,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     add_common(p, suppress=False)
     subs = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Handler] = {}
-    for mod in (compare, quantize, eval_cmd, models, gguf, sensitivity, serve, doctor):
+    for mod in (compare, quantize, qat, eval_cmd, models, gguf, sensitivity, serve, doctor):
         handlers.update(mod.register(subs))
     return p, handlers
 
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = handlers[a.command](a)
     except LowbitError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}")
-        return 2
+        return int(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         err_console.print("interrupted; nothing was written")
         return 130

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from lowbit.cli.common import say, sub
+from lowbit.cli.gate_flags import add_gate_args, describe, gate_from_args
 from lowbit.core.errors import LowbitError
 from lowbit.core.presets import PRESET_NAMES
 
@@ -54,6 +55,27 @@ def register(subs: Any) -> dict[str, Any]:
     q.add_argument("model", help="offline source name (lowbit models), model folder, .gguf file or hub id")
     q.add_argument("-o", "--out", required=True, help="output folder (absent or empty; --force replaces an artifact)")
     q.add_argument("--force", action="store_true", help="replace an existing lowbit artifact at --out")
+    add_recipe_args(q)
+    add_gate_args(q)
+    e = q.add_argument_group("engine (how the run goes; never what it produces)")
+    e.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda, cuda:1 ...")
+    e.add_argument("--offload-activations", action="store_true", help="calibration activations in host memory")
+    e.add_argument("--hessians-on-cpu", action="store_true", help="GPTQ Hessians in host memory")
+    e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    e.add_argument("--awq-save", default=None, help="also write the AWQ search result (scales, clips) to this file")
+    e.add_argument("--resume", action="store_true", help="continue a killed calibrated run (GPTQ, AWQ ...) from its "
+                   "last finished block; same command otherwise. The result is byte-identical")
+    e.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
+                   help="save each finished block of a calibrated run so --resume can continue it (default: on on "
+                        "a CPU; off on a GPU, where saving each block's activations costs more than a rerun)")
+    from lowbit.cli.mixed_flags import add_budget_flags
+
+    add_budget_flags(q, "int")
+    return {"quantize": cmd_quantize}
+
+
+def add_recipe_args(q: argparse.ArgumentParser) -> None:
+    """The recipe flags (shared with ``lowbit qat``)."""
     r = q.add_argument_group("recipe (what the artifact is; stored in it as recipe.yaml)")
     r.add_argument("--recipe", default=None, help="recipe file (lowbit YAML/JSON or llm-compressor YAML); the flags "
                                                   "below change its fields")
@@ -102,21 +124,6 @@ def register(subs: Any) -> dict[str, Any]:
                    help="what the scale search minimises (default parent: the attention's / MLP's output)")
     w.add_argument("--awq-tokens", type=int, default=None, help="tokens the scale search scores (16384)")
     w.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength in [0, 1] (0.5)")
-    e = q.add_argument_group("engine (how the run goes; never what it produces)")
-    e.add_argument("--device", default="auto", help="auto (a GPU if any), cpu, cuda, cuda:1 ...")
-    e.add_argument("--offload-activations", action="store_true", help="calibration activations in host memory")
-    e.add_argument("--hessians-on-cpu", action="store_true", help="GPTQ Hessians in host memory")
-    e.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    e.add_argument("--awq-save", default=None, help="also write the AWQ search result (scales, clips) to this file")
-    e.add_argument("--resume", action="store_true", help="continue a killed calibrated run (GPTQ, AWQ ...) from its "
-                   "last finished block; same command otherwise. The result is byte-identical")
-    e.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=None,
-                   help="save each finished block of a calibrated run so --resume can continue it (default: on on "
-                        "a CPU; off on a GPU, where saving each block's activations costs more than a rerun)")
-    from lowbit.cli.mixed_flags import add_budget_flags
-
-    add_budget_flags(q, "int")
-    return {"quantize": cmd_quantize}
 
 
 def _check_numbers(a: argparse.Namespace) -> None:
@@ -142,14 +149,13 @@ def recipe_from_args(a: argparse.Namespace) -> Any:
 
 def cmd_quantize(a: argparse.Namespace) -> None:
     from lowbit.cli.mixed_flags import budget_of
+    from lowbit.jobs.artifacts import load
+    from lowbit.jobs.gate import gated
     from lowbit.jobs.quantization import quantize
     from lowbit.pipeline.engine import Engine
 
     budget = budget_of(a)
-    if budget is not None:
-        recipe = _budgeted_recipe(a, budget)
-    else:
-        recipe = recipe_from_args(a)
+    recipe = _budgeted_recipe(a, budget) if budget is not None else recipe_from_args(a)
     if a.threads:
         import torch
 
@@ -161,11 +167,15 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     engine = Engine(device=device, offload_activations=a.offload_activations, hessians_on_cpu=a.hessians_on_cpu,
                     progress=not a.no_progress, threads=a.threads, save_search=a.awq_save,
                     checkpoint=checkpoint, resume=a.resume)
-    res = quantize(a.model, recipe, a.out, engine=engine, force=a.force)
+    gate = gate_from_args(a)
+    res, report = gated(a.out, gate, lambda out: quantize(a.model, recipe, out, engine=engine, force=a.force),
+                        lambda: load(a.model), force=a.force, progress=not a.no_progress)
     labels = ", ".join(dict.fromkeys(s.label for s in _schemes(res.recipe)))
-    say(f"wrote {res.path}: {res.n_linears} linears ({labels}) in {res.seconds:.1f} s, "
+    say(f"wrote {a.out}: {res.n_linears} linears ({labels}) in {res.seconds:.1f} s, "
         f"{res.bits_per_weight:.3f} bits/weight, {res.size_bytes / 1e6:.1f} MB; "
         f"kept in 16-bit: {', '.join(res.kept) or 'none'}")
+    if report:
+        say(describe(report))
 
 
 def _budgeted_recipe(a: argparse.Namespace, budget: Any) -> Any:

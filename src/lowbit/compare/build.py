@@ -70,10 +70,11 @@ def build_recipe(config: Config, ref: LoadedModel, folder: Path, calib: Calibrat
         notes += more
     out = folder / "artifact"
     t0 = time.perf_counter()
+    res: Any
     if config.qat:
-        from lowbit import qat  # the QAT package is optional in older installs
+        from lowbit import qat
 
-        res = qat.run(ref, recipe, out, engine=engine)  # type: ignore[attr-defined]
+        res = qat.run(ref, recipe, out, engine=engine)  # trains a copy of ref; ref is the teacher
         used = res.recipe
     else:
         work = copy.deepcopy(ref)
