@@ -146,3 +146,33 @@ def test_compare_refuses_a_foreign_folder(tmp_path: Path, tiny: Path, corpus: Pa
     (out / "mine.txt").write_text("keep")
     assert main(_args(tiny, corpus, out, "W8A16")) == 2
     assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_compare_budgets_qat_and_tasks(tmp_path: Path, tiny: Path, corpus: Path) -> None:
+    """Budgeted configs (compressed-tensors and GGUF), a +qat config and zero-shot tasks in one compare: each
+    builds through its own package, lands in the report, and the budgets hold."""
+    from lowbit.cli import main
+    from tasks_data import task_specs, write_task_files
+
+    train = tmp_path / "train.txt"  # QAT's training text must be disjoint from the evaluation text
+    train.write_text("\n\n".join(f"note {i}: a slow green turtle walks under the bright moon." for i in range(400)))
+    tasks = ",".join(s for s in task_specs(write_task_files(tmp_path / "tasks")) if s.startswith(("arc_easy", "piqa")))
+    out = tmp_path / "cmp"
+    args = _args(tiny, corpus, out, "W4A16,mix@6,gguf:mix@6,W4A16+qat")
+    args[args.index("--calib") + 1] = str(train)
+    assert main([*args, "--tasks", tasks, "--qat-steps", "3", "--no-speed"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert set(rows) == {"reference", "W4A16", "mix@6", "gguf:mix@6", "W4A16+qat"}
+    for r in rows.values():
+        assert set(r["tasks"]) == {"arc_easy", "piqa"}, r["name"]
+        assert 0 <= r["tasks"]["arc_easy"]["acc"] <= 1 and r["tasks"]["piqa"]["n_docs"] == 3
+    # compressed-tensors budgets count the quantized linears (as W4A16 is named 4.25), GGUF budgets the file
+    assert rows["W4A16"]["size_bytes"] < rows["mix@6"]["size_bytes"] < rows["reference"]["size_bytes"]
+    assert rows["gguf:mix@6"]["bits_per_weight"] <= 6 + 1e-9
+    overrides = rows["mix@6"]["recipe"]["overrides"]
+    assert overrides, "a budget above every uniform 4-bit scheme must spend bits on some layers"
+    assert rows["W4A16+qat"]["recipe"]["scheme"] == rows["W4A16"]["recipe"]["scheme"]
+    qat = json.loads((Path(rows["W4A16+qat"]["path"]) / "qat.json").read_text())
+    assert qat["steps"] == 3, qat
+    assert "arc_easy" in (out / "report.md").read_text()

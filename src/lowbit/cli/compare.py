@@ -46,6 +46,7 @@ def _common(p: argparse.ArgumentParser, run: bool) -> None:
     m.add_argument("--no-speed", action="store_true", help="skip the speed and memory measurements")
     m.add_argument("--reps", type=int, default=2 if run else 3, help="timed prefills per config (median)")
     m.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per config")
+    m.add_argument("--qat-steps", type=int, default=300, help="training steps of ...+qat configs (on --calib)")
 
 
 def register(subs: Any) -> dict[str, Any]:
@@ -68,7 +69,8 @@ def _options(a: argparse.Namespace, strategy: str) -> Any:
     from lowbit.recipe.schema import Calibration
 
     for flag, v in (("--windows", a.windows), ("--ctx", a.ctx), ("--calib-samples", a.calib_samples),
-                    ("--calib-len", a.calib_len), ("--reps", a.reps), ("--new-tokens", a.new_tokens)):
+                    ("--calib-len", a.calib_len), ("--reps", a.reps), ("--new-tokens", a.new_tokens),
+                    ("--qat-steps", a.qat_steps)):
         if v < 1:
             raise LowbitError(f"{flag} must be >= 1, got {v}")
     lim = Limits(None if a.max_size is None else a.max_size * 1e9, None if a.max_memory is None else a.max_memory * 1e9,
@@ -78,7 +80,7 @@ def _options(a: argparse.Namespace, strategy: str) -> Any:
                    reps=a.reps, speed=not a.no_speed)
     eng = Engine(device=a.device, progress=not a.no_progress, threads=a.threads)
     eng.resolved_device()
-    return Options(Calibration(a.calib, a.calib_samples, a.calib_len), meas, lim, strategy, eng)
+    return Options(Calibration(a.calib, a.calib_samples, a.calib_len), meas, lim, strategy, eng, a.qat_steps)
 
 
 def _check(a: argparse.Namespace) -> None:

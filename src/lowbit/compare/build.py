@@ -62,7 +62,10 @@ def fit_recipe(recipe: Recipe, model: nn.Module, calib: Calibration) -> tuple[Re
     return recipe, notes
 
 
-def build_recipe(config: Config, ref: LoadedModel, folder: Path, calib: Calibration, engine: Engine) -> Built:
+def build_recipe(config: Config, ref: LoadedModel, folder: Path, calib: Calibration, engine: Engine, *,
+                 qat_steps: int = 300, eval_data: str | None = None) -> Built:
+    """Quantize (and for ``+qat`` configs train: ``qat_steps`` steps on the calibration text, checked disjoint
+    from ``eval_data``) a copy of ``ref`` into ``folder/artifact``."""
     assert config.recipe is not None
     recipe, notes = fit_recipe(config.recipe, ref.model, calib)
     if config.budget is not None:
@@ -74,7 +77,10 @@ def build_recipe(config: Config, ref: LoadedModel, folder: Path, calib: Calibrat
     if config.qat:
         from lowbit import qat
 
-        res = qat.run(ref, recipe, out, engine=engine)  # trains a copy of ref; ref is the teacher
+        qcfg = qat.QATConfig(qat.TrainConfig(steps=qat_steps, seed=calib.seed), corpus=calib.corpus,
+                             seq_len=min(calib.length or 512, 512), eval_data=eval_data)
+        res = qat.run(ref, recipe, out, qcfg, engine=engine, force=True,
+                      progress=engine.progress)  # trains a copy of ref; ref is the teacher
         used = res.recipe
     else:
         work = copy.deepcopy(ref)
@@ -86,10 +92,10 @@ def build_recipe(config: Config, ref: LoadedModel, folder: Path, calib: Calibrat
 
 def _allocate(config: Config, ref: LoadedModel, recipe: Recipe, calib: Calibration) -> tuple[Recipe, list[str]]:
     try:
-        from lowbit.mixed import allocate  # type: ignore[attr-defined]
+        from lowbit.mixed import allocate
     except ImportError as e:
         raise LowbitError(f"{config.name}: budgeted configs need lowbit.mixed (per-layer allocation)") from e
-    mixed = allocate(ref, config.budget, method=recipe.method, calibration=calib)
+    mixed = allocate(ref, config.budget, method=recipe.method, base=recipe, calibration=calib)
     return mixed, [f"per-layer schemes for {config.budget} bits per weight"]
 
 
@@ -100,7 +106,7 @@ def build_gguf(config: Config, ref: LoadedModel, folder: Path, imatrix: Path | N
     t0 = time.perf_counter()
     if config.budget is not None:
         try:
-            from lowbit.mixed import export_gguf_budget  # type: ignore[attr-defined]
+            from lowbit.mixed import export_gguf_budget
         except ImportError as e:
             raise LowbitError(f"{config.name}: budgeted GGUF needs lowbit.mixed") from e
         rep = export_gguf_budget(str(ref.path), out, config.budget, imatrix=imatrix)

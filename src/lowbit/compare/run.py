@@ -67,6 +67,7 @@ class Options:
     limits: Limits = field(default_factory=Limits)
     strategy: str = "full"
     engine: Engine = field(default_factory=lambda: Engine(device="cpu"))
+    qat_steps: int = 300  # training steps of ``...+qat`` configs
 
 
 def _slug(name: str) -> str:
@@ -171,7 +172,8 @@ def _build_all(cells: list[Cell], ref: LoadedModel, out: Path, cal: Calibration,
                     imatrix = make_imatrix(ref, out / "imatrix.gguf", cal, opts.engine)
                 built = build_gguf(cfg, ref, c.folder, imatrix if cfg.imatrix else None, opts.engine)
             else:
-                built = build_recipe(cfg, ref, c.folder, cal, opts.engine)
+                built = build_recipe(cfg, ref, c.folder, cal, opts.engine, qat_steps=opts.qat_steps,
+                                     eval_data=opts.measure.data)
             c.save(build=as_dict(built))
         bar.advance()
 
@@ -253,17 +255,17 @@ def _quality(cells: list[Cell], ref: LoadedModel, m: Measure, opts: Options, bar
 
 
 def _tasks(cells: list[Cell], ref: LoadedModel, m: Measure) -> None:
-    try:
-        from lowbit.eval.tasks import evaluate_tasks  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise LowbitError("--tasks needs lowbit's zero-shot evaluation (lowbit.eval.tasks)") from e
+    from lowbit.eval.tasks import evaluate_tasks
+
     for c in cells:
         if "tasks" in c.data:
             continue
         model = ref.model if c.config.kind == "reference" else _load_for_eval(c, 2048)
         res = evaluate_tasks({c.config.name: model}, ref.tokenizer, list(m.tasks), limit=m.task_limit,
                              progress=False)
-        c.save(tasks=res)
+        # the report keeps each task's metrics and standard errors (per-document answers: lowbit eval --json)
+        c.save(tasks={name: {t: {**r.metrics, "stderr": r.stderr, "n_docs": r.n_docs} for t, r in per.items()}
+                      for name, per in res.items()})
 
 
 def _speed(c: Cell, m: Measure, opts: Options) -> None:
