@@ -143,11 +143,12 @@ def test_two_processes_with_different_hash_seeds_write_the_same_bytes(tmp_path):
     any set or dict-of-str iteration order that leaks into a file shows)."""
     make_tiny_model_dir(tmp_path / "tiny", "llama")
     (tmp_path / "c.txt").write_text(TEXT)
-    for seed in (1, 2):
-        _run_cli([["quantize", "tiny", "--scheme", "W4A16", "--group-size", "32", "--method", "gptq", "--calib",
-                   "c.txt", "--calib-samples", "4", "--calib-len", "32", "-o", f"out{seed}"],
-                  ["gguf", f"out{seed}", "-o", f"m{seed}.gguf", "--type", "Q4_K_M"]], seed, tmp_path)
-    a, b = tmp_path / "out1", tmp_path / "out2"
+    for seed in (1, 2):  # the same relative names in two folders: a GGUF's general.name is its source folder's
+        (tmp_path / f"r{seed}").mkdir()
+        _run_cli([["quantize", "../tiny", "--scheme", "W4A16", "--group-size", "32", "--method", "gptq", "--calib",
+                   "../c.txt", "--calib-samples", "4", "--calib-len", "32", "-o", "out"],
+                  ["gguf", "out", "-o", "m.gguf", "--type", "Q4_K_M"]], seed, tmp_path / f"r{seed}")
+    a, b = tmp_path / "r1" / "out", tmp_path / "r2" / "out"
     names = sorted(p.name for p in a.iterdir())
     assert names == sorted(p.name for p in b.iterdir()) and "model.safetensors" in names
     for name in names:
@@ -156,7 +157,7 @@ def test_two_processes_with_different_hash_seeds_write_the_same_bytes(tmp_path):
             assert {k for k in ra if ra[k] != rb.get(k)} <= RUN_KEYS and ra.keys() == rb.keys()
             continue
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert (tmp_path / "m1.gguf").read_bytes() == (tmp_path / "m2.gguf").read_bytes()
+    assert (tmp_path / "r1" / "m.gguf").read_bytes() == (tmp_path / "r2" / "m.gguf").read_bytes()
 
 
 # ---- a full disk during each writer ----------------------------------------------------------------
