@@ -129,6 +129,7 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> None:
+    import dataclasses
     from pathlib import Path
 
     from lowbit.compare import compare, parse_menu
@@ -136,7 +137,7 @@ def cmd_run(a: argparse.Namespace) -> None:
 
     model = a.model or DEFAULT_SOURCE
     out = a.out or str(Path("runs") / Path(model).name)
-    opts = _options(a, "full")
+    opts = dataclasses.replace(_options(a, "full"), quick=True)
     a.model = model
     _check(a)
     rep = compare(model, parse_menu(None, "default"), out, opts)

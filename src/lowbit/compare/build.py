@@ -24,6 +24,7 @@ from lowbit.core.errors import LowbitError
 from lowbit.core.scheme import QuantScheme
 from lowbit.jobs.quantization import quantize_loaded
 from lowbit.models.loader import LoadedModel, model_size_bytes
+from lowbit.pipeline.awq import AWQConfig
 from lowbit.pipeline.engine import Engine
 from lowbit.recipe.schema import Calibration, Recipe
 
@@ -62,12 +63,20 @@ def fit_recipe(recipe: Recipe, model: nn.Module, calib: Calibration) -> tuple[Re
     return recipe, notes
 
 
+QUICK_AWQ_TOKENS, QUICK_AWQ_GRID = 2048, 10  # lowbit run's AWQ search: a small fraction of the default's time
+
+
 def build_recipe(config: Config, ref: LoadedModel, folder: Path, calib: Calibration, engine: Engine, *,
-                 qat_steps: int = 300, eval_data: str | None = None) -> Built:
+                 qat_steps: int = 300, eval_data: str | None = None, quick: bool = False) -> Built:
     """Quantize (and for ``+qat`` configs train: ``qat_steps`` steps on the calibration text, checked disjoint
-    from ``eval_data``) a copy of ``ref`` into ``folder/artifact``."""
+    from ``eval_data``) a copy of ``ref`` into ``folder/artifact``. ``quick``: an AWQ config left at its
+    defaults searches ``QUICK_AWQ_TOKENS`` tokens on a ``QUICK_AWQ_GRID``-point grid (the report's recipe says so)."""
     assert config.recipe is not None
     recipe, notes = fit_recipe(config.recipe, ref.model, calib)
+    m = recipe.method
+    if quick and isinstance(m, AWQConfig) and m == AWQConfig(inner=m.inner):
+        recipe = recipe.replace(method=dataclasses.replace(m, max_tokens=QUICK_AWQ_TOKENS, grid=QUICK_AWQ_GRID))
+        notes.append(f"AWQ search shortened for a quick run: {QUICK_AWQ_TOKENS} tokens, {QUICK_AWQ_GRID}-point grid")
     if config.budget is not None:
         recipe, more = _allocate(config, ref, recipe, calib)
         notes += more

@@ -68,6 +68,7 @@ class Options:
     strategy: str = "full"
     engine: Engine = field(default_factory=lambda: Engine(device="cpu"))
     qat_steps: int = 300  # training steps of ``...+qat`` configs
+    quick: bool = False  # AWQ configs at their defaults search a shorter grid on fewer tokens (lowbit run)
 
 
 def _slug(name: str) -> str:
@@ -173,7 +174,7 @@ def _build_all(cells: list[Cell], ref: LoadedModel, out: Path, cal: Calibration,
                 built = build_gguf(cfg, ref, c.folder, imatrix if cfg.imatrix else None, opts.engine)
             else:
                 built = build_recipe(cfg, ref, c.folder, cal, opts.engine, qat_steps=opts.qat_steps,
-                                     eval_data=opts.measure.data)
+                                     eval_data=opts.measure.data, quick=opts.quick)
             c.save(build=as_dict(built))
         bar.advance()
 
