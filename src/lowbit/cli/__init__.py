@@ -22,7 +22,7 @@ from rich.markup import escape  # noqa: E402
 from lowbit import __version__  # noqa: E402
 from lowbit.cli import compare, doctor, gguf, models, qat, quantize, sensitivity, serve  # noqa: E402
 from lowbit.cli import eval as eval_cmd  # noqa: E402
-from lowbit.cli.common import HelpFormatter, add_common, err_console  # noqa: E402
+from lowbit.cli.common import HelpFormatter, Parser, add_common, err_console  # noqa: E402
 from lowbit.core.errors import LowbitError  # noqa: E402
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -37,8 +37,8 @@ run `lowbit COMMAND --help` for each command's options and examples"""
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
-    p = argparse.ArgumentParser(prog="lowbit", description="Quantize, evaluate and export low-bit LLMs.",
-                                epilog="examples:\n" + EXAMPLES, formatter_class=HelpFormatter)
+    p = Parser(prog="lowbit", description="Quantize, evaluate and export low-bit LLMs.",
+               epilog="examples:\n" + EXAMPLES, formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"lowbit {__version__}")
     add_common(p, suppress=False)
     subs = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -32,6 +32,14 @@ def table(title: str, columns: list[str] | tuple[str, ...], rows: list[list[str]
     for row in rows:
         t.add_row(*(escape(str(x)) for x in row))
     return t
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (the error and where the options are), not a usage
+    dump; its sub-command parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
