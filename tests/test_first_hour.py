@@ -21,11 +21,13 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a, **k):  # type: ignore[no-untyped-def]
         raise AssertionError("a model was loaded before the inputs were checked")
 
+    import lowbit.compare.run as cr
     import lowbit.jobs.artifacts as art
     import lowbit.jobs.quantization as jq
     import lowbit.models.loader as loader
+    import lowbit.qat.job as qj
 
-    for mod in (loader, jq, art):
+    for mod in (loader, jq, art, qj, cr):  # imported first: a module imported while patched keeps the patch
         monkeypatch.setattr(mod, "load_model", boom)
     monkeypatch.setattr(loader, "ensure_source", boom)
 
@@ -209,3 +211,84 @@ def test_default_calibration_fallback_is_recorded(tmp_path: Path, tiny: Path, mo
     assert "corpus: python-docs" in (out / "recipe.yaml").read_text()
     rec = json.loads((out / "provenance.json").read_text())
     assert rec["calibration"]["fallback"] == "c4 not found; used python-docs"
+
+
+# -- found by scripts/bad_inputs.py (docs/errors.md): each was a traceback, a late check or an unclear line --
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "m", "-o", "o", "--method", "foo"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "invalid choice: 'foo'" in err and "see `lowbit quantize --help`" in err
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["serve", "{m}", "--device", "tpu"], "--device 'tpu' is not a device name"),  # was a torch traceback
+    (["qat", "{m}", "--scheme", "W4A16", "--device", "cuda", "-o", "{o}"], "no CUDA GPU"),  # was after the load
+    (["qat", "{m}", "--scheme", "W4A16", "--lr", "-1", "-o", "{o}"], "--lr must be >= 0"),
+    (["qat", "{m}", "--scheme", "W4A16", "--checkpoint-every", "-5", "-o", "{o}"], "--checkpoint-every must be >= 0"),
+    (["quantize", "{m}", "--scheme", "W4A16", "--max-ppl-increase", "5", "--eval-ctx", "1", "-o", "{o}"],
+     "--eval-ctx must be >= 2"),
+    (["quantize", "{m}", "--recipe", "{d}", "-o", "{o}"], "is a folder; give the recipe's file"),
+    (["imatrix", "{m}", "--seed", "-1", "-o", "{o}.gguf"], "--seed must be >= 0"),
+    (["sensitivity", "{m}", "--calib", "{d}/missing.txt", "-o", "{o}.json"], "neither a known name"),
+    (["sensitivity", "{m}", "--imatrix", "{f}", "-o", "{o}.json"], "imatrix"),
+    (["sensitivity", "{m}", "--measure", "2", "--measure-tensors", "(", "-o", "{o}.json"], "not a regular expression"),
+    (["sensitivity", "{m}", "--measure", "-1", "-o", "{o}.json"], "--measure must be >= 0"),
+    (["eval", "{m}", "--data", "{blank}"], "is empty or blank"),
+    (["doctor", "{f}"], "neither an artifact folder"),  # was exit 1 with a table
+    (["doctor", "{d}"], "neither an artifact folder"),
+    (["doctor", "{m}", "--reference", "{d}/missing"], "no such file or folder"),  # was after loading the artifact
+    (["compare", "{m}", "-o", "{o}", "--ctx", "1"], "--ctx must be >= 2"),
+    (["compare", "{m}", "-o", "{o}", "--threads", "0"], "--threads must be >= 1"),
+    (["compare", "{m}", "-o", "{o}", "--max-size", "-1"], "--max-size must be > 0"),
+    (["compare", "{m}", "-o", "{o}", "--tasks", "mmlu"], "unknown task 'mmlu'"),
+    (["compare", "{m}", "-o", "{o}", "--configs", "mix@0.5"], "bits per weight must lie in (1, 32]"),
+    (["compare", "{m}", "-o", "{o}", "--configs", "W4A16:magic"], "config 'W4A16:magic': method.name: unknown"),
+])
+def test_found_by_the_bad_inputs_table(tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture,
+                                       no_model_load: None, monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                       needle: str) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("not a model")
+    f = tmp_path / "notes.txt"
+    f.write_text("junk, not an imatrix nor a model")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\n")
+    subs = {"{m}": str(tiny), "{o}": str(tmp_path / "out"), "{d}": str(d), "{f}": str(f), "{blank}": str(blank)}
+    argv = []
+    for a in args:
+        for k, v in subs.items():
+            a = a.replace(k, v)
+        argv.append(a)
+    err = _fails(argv, capsys, needle)
+    assert len(err.strip().splitlines()) == 1 or all(" INFO " in ln for ln in err.strip().splitlines()[:-1]), err
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+def test_overlap_is_refused_before_the_ptq(tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowbit.qat.job as job
+
+    def boom(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the PTQ ran before the overlap check")
+
+    monkeypatch.setattr(job, "prepare", boom)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"line {i} the quick brown fox jumps over the lazy dog" for i in range(300)))
+    _fails(["qat", str(tiny), "--scheme", "W4A16", "--group-size", "32", "--method", "gptq", "--steps", "1",
+            "--seq-len", "16", "--samples", "4", "--calib", str(text), "--data", str(text), "-o", str(tmp_path / "o")],
+           capsys, "inflates every result")
+
+
+def test_ollama_modelfile_under_a_file_is_one_line(tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture) -> None:
+    gguf = tmp_path / "m.gguf"
+    assert main(["--no-progress", "gguf", str(tiny), "--type", "Q8_0", "-o", str(gguf)]) == 0
+    capsys.readouterr()
+    f = tmp_path / "a.txt"
+    f.write_text("x")
+    _fails(["export", "ollama", str(gguf), "-o", str(f / "Modelfile")], capsys, "is not a writable folder")

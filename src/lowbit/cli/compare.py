@@ -73,6 +73,15 @@ def _options(a: argparse.Namespace, strategy: str) -> Any:
                     ("--qat-steps", a.qat_steps)):
         if v < 1:
             raise LowbitError(f"{flag} must be >= 1, got {v}")
+    if a.ctx < 2:
+        raise LowbitError(f"--ctx must be >= 2 tokens (a window scores its next tokens), got {a.ctx}")
+    for flag, v in (("--task-limit", a.task_limit), ("--threads", a.threads)):
+        if v is not None and v < 1:
+            raise LowbitError(f"{flag} must be >= 1, got {v}")
+    for flag, v in (("--max-size", a.max_size), ("--max-memory", a.max_memory),
+                    ("--max-ppl-increase", a.max_ppl_increase), ("--min-decode-tps", a.min_decode_tps)):
+        if v is not None and (v < 0 or (v == 0 and flag != "--max-ppl-increase")):
+            raise LowbitError(f"{flag} must be {'>= 0' if flag == '--max-ppl-increase' else '> 0'}, got {v}")
     lim = Limits(None if a.max_size is None else a.max_size * 1e9, None if a.max_memory is None else a.max_memory * 1e9,
                  a.max_ppl_increase, a.min_decode_tps)
     tasks = tuple(t for t in (a.tasks or "").split(",") if t)
@@ -92,6 +101,10 @@ def _check(a: argparse.Namespace) -> None:
     eval_text(a.data, 1 << 16)
     if a.calib:
         resolve_calib_texts(a.calib)
+    if a.tasks:
+        from lowbit.eval.tasks import load_tasks
+
+        load_tasks([a.tasks], a.task_limit)  # names, files and layouts, before any model loads
 
 
 def _show(rep: dict[str, Any]) -> None:

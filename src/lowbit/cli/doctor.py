@@ -28,6 +28,10 @@ def register(subs: Any) -> dict[str, Any]:
 def cmd_doctor(a: argparse.Namespace) -> int:
     from lowbit.doctor import ENGINES, doctor, layer_errors
 
+    if a.reference:
+        from lowbit.models.loader import check_spec
+
+        check_spec(a.reference)  # before the artifact is checked (and loaded)
     names = a.engine or ["all"]
     engines = ENGINES if "all" in names else tuple(dict.fromkeys(names))
     rep = doctor(a.artifact, engines, scan=not a.no_scan)

@@ -28,6 +28,8 @@ def gate_from_args(a: argparse.Namespace) -> Any:
     for flag, v in (("--eval-windows", a.eval_windows), ("--task-limit", a.task_limit)):
         if v is not None and v < 1:
             raise LowbitError(f"{flag} must be >= 1, got {v}")
+    if a.eval_ctx < 2:
+        raise LowbitError(f"--eval-ctx must be >= 2 tokens, got {a.eval_ctx}")
     gate = Gate(a.max_ppl_increase, dict(parse_task_threshold(s) for s in a.min_task_acc or ()), a.data, a.eval_ctx,
                 a.eval_windows, a.task_limit)
     if gate.active:

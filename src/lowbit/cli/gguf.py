@@ -78,6 +78,8 @@ def cmd_imatrix(a: argparse.Namespace) -> None:
 
     if a.calib_samples < 1 or a.calib_len < 1:
         raise LowbitError("--calib-samples and --calib-len must be >= 1")
+    if a.seed < 0:
+        raise LowbitError(f"--seed must be >= 0, got {a.seed}")
     check_spec(a.model)
     check_output_file(a.out, overwrite=a.force)
     if a.calib:

@@ -77,9 +77,13 @@ def config_from_args(a: argparse.Namespace) -> Any:
 
     for flag, v, lo in (("--steps", a.steps, 0), ("--batch-size", a.batch_size, 1), ("--samples", a.samples, 1),
                         ("--seq-len", a.seq_len, 2), ("--block-epochs", a.block_epochs, 0),
-                        ("--block-samples", a.block_samples, 1)):
+                        ("--block-samples", a.block_samples, 1), ("--checkpoint-every", a.checkpoint_every, 0)):
         if v < lo:
             raise LowbitError(f"{flag} must be >= {lo}, got {v}")
+    for flag, v in (("--lr", a.lr), ("--scale-lr", a.scale_lr), ("--zero-lr", a.zero_lr), ("--block-lr", a.block_lr),
+                    ("--block-scale-lr", a.block_scale_lr)):
+        if v is not None and v < 0:
+            raise LowbitError(f"{flag} must be >= 0, got {v}")
     if a.steps == 0 and a.block_epochs == 0:
         raise LowbitError("nothing to train: give --steps or --block-epochs")
     if not 0 <= a.max_overlap <= 1:

@@ -51,14 +51,17 @@ def cmd_sensitivity(a: argparse.Namespace) -> None:
 
     check_spec(a.model)
     check_output_file(a.out, overwrite=a.force)
-    if a.calib_samples < 1 or a.calib_len < 2 or a.measure < 0:
-        raise LowbitError("--calib-samples >= 1, --calib-len >= 2 and --measure >= 0, please")
+    for flag, v, lo in (("--calib-samples", a.calib_samples, 1), ("--calib-len", a.calib_len, 2),
+                        ("--measure", a.measure, 0)):
+        if v < lo:
+            raise LowbitError(f"{flag} must be >= {lo}, got {v}")
     cands = tuple(a.candidates.split(",")) if a.candidates else None
     parse_candidates(list(cands) if cands else None, a.family)  # a bad name is reported before the model loads
     if a.imatrix and a.family != "gguf":
         raise LowbitError("--imatrix weights GGUF encoders; with --family int use --method imatrix")
     if a.plot:
         _check_plot()
+    _check_files(a)
     cfg = SensitivityConfig(family=a.family, candidates=cands, method=a.method, calib=a.calib,
                             samples=a.calib_samples, length=a.calib_len, seed=a.seed)
     meas = a.measure_candidates.split(",") if a.measure_candidates else None
@@ -73,6 +76,36 @@ def cmd_sensitivity(a: argparse.Namespace) -> None:
         say(f"plot: {a.plot}")
     say(f"wrote {a.out}: {len(sens.tensors)} tensors x {len(sens.candidates)} candidates in "
         f"{sens.meta['seconds']['total']:.0f} s")
+
+
+def _check_files(a: argparse.Namespace) -> None:
+    """The imatrix, the calibration text and the measurement's options, before the model loads."""
+    import re
+
+    from lowbit.mixed.candidates import parse_candidates
+
+    if a.seed < 0:
+        raise LowbitError(f"--seed must be >= 0, got {a.seed}")
+    if a.imatrix:
+        from lowbit.formats.gguf.imatrix import load_imatrix
+
+        load_imatrix(a.imatrix)
+    if a.calib:
+        from lowbit.data import resolve_calib_texts
+
+        resolve_calib_texts(a.calib)
+    if a.measure:
+        from lowbit.jobs.evaluate import eval_text
+
+        eval_text(a.data)
+        if a.measure_candidates:
+            parse_candidates(a.measure_candidates.split(","), a.family)
+        if a.measure_tensors:
+            try:
+                re.compile(a.measure_tensors)
+            except re.error as e:
+                raise LowbitError(f"--measure-tensors {a.measure_tensors!r} is not a regular expression ({e})") \
+                    from None
 
 
 def _check_plot() -> None:

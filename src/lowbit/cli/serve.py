@@ -58,11 +58,13 @@ def cmd_serve(a: argparse.Namespace) -> None:
     if not path.exists():
         raise LowbitError(f"no such file or folder: {path}. Fix: pass a .gguf file or an artifact folder")
     if path.is_dir():
+        from lowbit.pipeline.engine import resolve_device
         from lowbit.serve.native import NativeConfig, serve_native
 
         for flag, v in (("--threads", a.threads), ("--gpu-layers", a.gpu_layers), ("--chat-format", a.chat_format)):
             if v is not None:
                 raise LowbitError(f"{flag} applies to .gguf files (llama.cpp); {path} is a folder")
+        resolve_device(a.device)  # a bad or absent device is one line, before the model loads
         serve_native(NativeConfig(model=path, device=a.device, host=a.host, port=a.port, ctx=a.ctx,
                                   api_key=a.api_key, cors_origins=cors, max_batch=a.max_batch,
                                   max_queue=a.max_queue, name=a.name))

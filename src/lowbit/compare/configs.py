@@ -60,6 +60,14 @@ class Config:
 _MIX = re.compile(r"^mix@(\d+(?:\.\d+)?)$", re.IGNORECASE)
 
 
+def _bpw(name: str, text: str) -> float:
+    """The bits per weight of ``mix@B``, in the range a budget allows (checked before any model loads)."""
+    bpw = float(text)
+    if not 1 < bpw <= 32:
+        raise LowbitError(f"config {name!r}: bits per weight must lie in (1, 32], got {bpw}")
+    return bpw
+
+
 def parse_config(name: str) -> Config:
     """The :class:`Config` a short name or recipe path stands for (see the module docstring)."""
     text = name.strip()
@@ -79,7 +87,7 @@ def parse_config(name: str) -> Config:
         spec = spec[:-8] if imatrix else spec
         mix = _MIX.match(spec)
         if mix:
-            return Config(text, "gguf", gguf_type="mix", imatrix=imatrix, budget=float(mix.group(1)))
+            return Config(text, "gguf", gguf_type="mix", imatrix=imatrix, budget=_bpw(name, mix.group(1)))
         from lowbit.formats.gguf.ftypes import FILE_TYPES
 
         t = spec.upper()
@@ -88,11 +96,12 @@ def parse_config(name: str) -> Config:
         return Config(text, "gguf", gguf_type=t, imatrix=imatrix)
     scheme_part, _, method_part = body.partition(":")
     mix = _MIX.match(scheme_part)
+    budget = _bpw(name, mix.group(1)) if mix else None
     try:
-        method = parse_method(method_part or ("gptq" if mix else "rtn"), f"config {name!r}")
+        method = parse_method(method_part or ("gptq" if mix else "rtn"), "method")
         if mix:
             return Config(text, "recipe", recipe=Recipe(lookup_scheme("W4A16"), method),
-                          budget=float(mix.group(1)), qat=qat)
+                          budget=budget, qat=qat)
         scheme = lookup_scheme(scheme_part)
         build_method(method, scheme, torch.bfloat16)  # refuses a method that cannot produce the scheme
     except LowbitError as e:

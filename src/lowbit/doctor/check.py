@@ -57,6 +57,10 @@ def doctor(path: str | Path, engines: tuple[str, ...] = ENGINES, scan: bool = Tr
     bad = [e for e in engines if e not in ENGINES]
     if bad:
         raise LowbitError(f"unknown engine {bad[0]!r}; use one of {', '.join(ENGINES)} or all")
+    if (p.is_dir() and not (p / "config.json").exists()) or (p.is_file() and p.suffix != ".gguf"
+                                                             and not _gguf_magic(p)):
+        raise LowbitError(f"{p} is neither an artifact folder (it holds config.json) nor a .gguf file; pass the "
+                          "folder `lowbit quantize` wrote or a .gguf file")  # a damaged one is a finding, not this
     if p.is_file():
         rep = Report(p, "gguf", engines)
         _gguf(rep)
@@ -81,6 +85,11 @@ def doctor(path: str | Path, engines: tuple[str, ...] = ENGINES, scan: bool = Tr
     if scan and rep.verdict("all"):
         _activations(rep)
     return rep
+
+
+def _gguf_magic(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 # -- every artifact -------------------------------------------------------------------------------------------------

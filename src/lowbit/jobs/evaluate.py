@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.core.errors import LowbitError
+from lowbit.core.errors import DataError, LowbitError
 from lowbit.data import default_eval_corpus, resolve_eval_text
 from lowbit.eval import EvalResult, adds_bos, evaluate, tokenize_corpus
 
@@ -21,8 +21,11 @@ CHARS_PER_TOKEN = 16
 
 def eval_text(data: str | None, max_chars: int | None = None) -> tuple[str, str]:
     """(label, text) of an evaluation corpus (default: WikiText-2 test when found), at most ``max_chars``
-    characters of a user's file or dataset."""
-    return resolve_eval_text(data or default_eval_corpus(), max_chars)
+    characters of a user's file or dataset; a blank one is refused here, before any model loads."""
+    label, text = resolve_eval_text(data or default_eval_corpus(), max_chars)
+    if not text.strip():
+        raise DataError(f"evaluation corpus {label} is empty or blank; give a corpus with text (e.g. wikitext2)")
+    return label, text
 
 
 def evaluate_models(models: dict[str, nn.Module], tokenizer: Any, *, reference: str | None, data: str | None,

@@ -180,7 +180,8 @@ def check_spec(spec: str | Path) -> None:
         return
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelLoadError(f"{path} is a file but not a .gguf; single files are read only as GGUF")
+            raise ModelLoadError(f"{path} is a file but not a .gguf; single files are read only as GGUF. Fix: pass the "
+                                 "folder that holds config.json, or a .gguf file")
         return
     looks_local = text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") > 1
     if looks_local or not _HUB_ID.match(text):
@@ -307,7 +308,7 @@ def _load_hub(
     except _LOAD_ERRORS as exc:
         where = "on the hub" if online else "locally (the hub is unreachable, and it is not in the HF cache)"
         raise ModelLoadError(
-            f"{spec!r} is neither a local path nor found {where} ({exc}). {offline_fix}"
+            f"{spec!r} is neither a local path nor found {where} ({' '.join(str(exc).split())}). {offline_fix}"
         ) from exc
     qc = config.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":

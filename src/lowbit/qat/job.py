@@ -126,6 +126,7 @@ def run(model: str | Path | LoadedModel, recipe: Recipe, out: str | Path, config
         check_spec(model)
     check_recipe(recipe)
     check_output_dir(out, force)
+    engine.resolved_device()  # an absent GPU is reported before the model loads
     check_gate(gate)
     train_texts = resolve_calib_texts(config.corpus or "c4")
     eval_label, eval_str = eval_text(config.eval_data or gate.data)
@@ -137,6 +138,12 @@ def run(model: str | Path | LoadedModel, recipe: Recipe, out: str | Path, config
         lm = _load(model)
         teacher = _load(model).model.eval()
     checksum = SourceChecksum(Path(lm.path))
+    # the overlap is counted in tokens, so it needs the tokenizer; it is refused before the PTQ and the training
+    tokens = calibration_tokens(lm.tokenizer, train_texts, config.samples, config.seq_len, seed=config.train.seed)
+    from lowbit.eval import tokenize_corpus
+
+    ov = overlap(tokens, tokenize_corpus(lm.tokenizer, eval_str), config.corpus or "c4", eval_label)
+    check_disjoint(ov, config.max_overlap)
     cal: torch.Tensor | None = None
     if needs_calibration(recipe):
         recipe, texts, _ = resolve_calibration(recipe)
@@ -148,11 +155,6 @@ def run(model: str | Path | LoadedModel, recipe: Recipe, out: str | Path, config
     dev = torch.device(engine.resolved_device())
     lm.model.to(dev)
     teacher.to(dev)
-    tokens = calibration_tokens(lm.tokenizer, train_texts, config.samples, config.seq_len, seed=config.train.seed)
-    from lowbit.eval import tokenize_corpus
-
-    ov = overlap(tokens, tokenize_corpus(lm.tokenizer, eval_str), config.corpus or "c4", eval_label)
-    check_disjoint(ov, config.max_overlap)
     if resume and config.blocks.epochs:
         log.warning("--resume continues the end-to-end phase; the block-wise phase runs again (it is deterministic)")
     log.info("training text %s vs evaluation text %s: %d of %d %d-grams shared (%.3f%%)", ov.train_corpus,

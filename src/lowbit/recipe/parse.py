@@ -189,6 +189,8 @@ def parse_text(text: str, source: str) -> Any:
 def read_data(path: str | Path) -> Any:
     """The parsed content of a recipe file."""
     p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"recipe file {p} is a folder; give the recipe's file (an artifact's is {p / 'recipe.yaml'})")
     if not p.is_file():
         raise RecipeError(f"recipe file {p} not found")
     try:

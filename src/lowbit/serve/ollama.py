@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lowbit import __version__
 from lowbit.core.errors import LowbitError
-from lowbit.core.io import write_text_atomic
+from lowbit.core.io import check_output_file, write_text_atomic
 from lowbit.serve.llamacpp import ChatInfo, check_gguf_file, read_chat_info
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,7 @@ def export_ollama(gguf: str | Path, out: str | Path | None = None, *, system: st
         target = target / "Modelfile"
     if target.exists() and not force:
         raise LowbitError(f"{target} exists; pass --force to replace it or -o another path")
+    check_output_file(target)  # a parent that is a file, or not writable: one line, not a traceback
     text, res = modelfile_text(path, target, read_chat_info(path), system)
     write_text_atomic(target, text)
     log.info("wrote %s (%s)", target, res.note)
