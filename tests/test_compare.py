@@ -176,3 +176,17 @@ def test_compare_budgets_qat_and_tasks(tmp_path: Path, tiny: Path, corpus: Path)
     qat = json.loads((Path(rows["W4A16+qat"]["path"]) / "qat.json").read_text())
     assert qat["steps"] == 3, qat
     assert "arc_easy" in (out / "report.md").read_text()
+
+
+def test_speed_worker_reports_its_own_peak_memory() -> None:
+    """The speed worker is a child of a large process (the compare run holding the reference model): its peak
+    must be its own. ``ru_maxrss`` survives fork + exec on Linux, so every config once showed the parent's."""
+    import numpy as np
+
+    held = np.ones(2**30 // 8)  # the parent touches 1 GiB
+    code = "from lowbit.compare.speed import _rss_peak; print(_rss_peak())"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                               check=True).stdout)
+    assert child < 2**30 * 0.75, child  # the child imports torch (a few hundred MB) but never held the GiB
+    assert held.sum() == 2**30 // 8

@@ -75,7 +75,15 @@ def describe_runtime(model: Any, device: str) -> tuple[str, bool]:
 
 
 def _rss_peak() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kilobytes on Linux
+    """This process's peak resident memory in bytes. Linux: ``VmHWM``, the high-water mark of the current
+    address space (``ru_maxrss`` survives ``fork`` + ``exec``, so a worker would report its parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kilobytes on Linux, bytes on macOS
 
 
 def measure_hf(path: str, device: str, n_prompt: int, n_gen: int, reps: int, dtype_name: str) -> SpeedResult:
