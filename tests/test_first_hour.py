@@ -292,3 +292,19 @@ def test_ollama_modelfile_under_a_file_is_one_line(tmp_path: Path, tiny: Path, c
     f = tmp_path / "a.txt"
     f.write_text("x")
     _fails(["export", "ollama", str(gguf), "-o", str(f / "Modelfile")], capsys, "is not a writable folder")
+
+
+def test_builtin_corpora_found_from_outside_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `--calib c4` and the default WikiText-2 work from any directory: the data folder beside the
+    checkout is searched, not only ../shared/data of the current directory."""
+    from lowbit.data.corpora import C4_REL, WIKITEXT2_TEST_REL, find_data_file
+
+    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not (beside / C4_REL).is_file():
+        pytest.skip(f"no data folder beside the checkout ({beside})")
+    elsewhere = tmp_path / "a" / "b"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("LOWBIT_DATA", raising=False)
+    assert find_data_file(C4_REL) == (beside / C4_REL).resolve()
+    assert find_data_file(WIKITEXT2_TEST_REL) == (beside / WIKITEXT2_TEST_REL).resolve()
