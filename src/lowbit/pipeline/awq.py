@@ -256,13 +256,9 @@ class AWQMethod(BlockMethod):
         model's block inputs; the scales AWQ folds leave the float block's output unchanged."""
         return self.inner is not None and self.inner.float_inputs
 
-    def state(self) -> dict[str, Any]:
-        return {**super().state(), "inner": None if self.inner is None else self.inner.state()}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        super().restore(state)
-        if self.inner is not None:
-            self.inner.restore(state["inner"])
+    @property
+    def inner_method(self) -> BlockMethod | None:
+        return self.inner
 
     def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
         prefix = f"{ctx.spec.blocks}.{ctx.index}"

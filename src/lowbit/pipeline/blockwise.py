@@ -162,14 +162,26 @@ class BlockMethod:
         """Quantize every linear of ``ctx.linears`` (names within the block) to ``ctx.scheme(name)``."""
         raise NotImplementedError
 
+    @property
+    def inner_method(self) -> BlockMethod | None:
+        """The method this one hands each block's weights to (AWQ and SmoothQuant: RTN or GPTQ), whose
+        state is checkpointed with this one's; None where there is none."""
+        return None
+
     def state(self) -> dict[str, Any]:
-        """What the method has accumulated so far (the :attr:`run_state` fields), for a checkpoint."""
-        return {f: getattr(self, f) for f in self.run_state}
+        """What the method has accumulated so far (the :attr:`run_state` fields, and its inner method's),
+        for a checkpoint."""
+        out = {f: getattr(self, f) for f in self.run_state}
+        inner = self.inner_method
+        return {**out, "inner": None if inner is None else inner.state()}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Take back what :meth:`state` returned (a resumed run)."""
         for f in self.run_state:
             setattr(self, f, state[f])
+        inner = self.inner_method
+        if inner is not None:
+            inner.restore(state["inner"])
 
 
 #: which scheme a full linear name gets from a method, or None where it is not that method's

@@ -78,13 +78,9 @@ class SmoothQuantMethod(BlockMethod):
     inner: BlockMethod | None = None  # quantizes the smoothed block's weights (None: RTN int8 per channel)
     run_state: ClassVar[tuple[str, ...]] = ("smooth_scales", "input_scales", "act_absmax")
 
-    def state(self) -> dict[str, Any]:
-        return {**super().state(), "inner": None if self.inner is None else self.inner.state()}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        super().restore(state)
-        if self.inner is not None:
-            self.inner.restore(state["inner"])
+    @property
+    def inner_method(self) -> BlockMethod | None:
+        return self.inner
 
     @property
     def folds_scales(self) -> str | None:
