@@ -150,9 +150,7 @@ def cmd_run(a: argparse.Namespace) -> None:
 
     model = a.model or DEFAULT_SOURCE
     out = a.out or str(Path("runs") / Path(model).name)
-    opts = _options(a, "full")
-    # the small default model: half the menu per evaluation pass (two passes of the reference, not three)
-    opts = dataclasses.replace(opts, quick=True, measure=dataclasses.replace(opts.measure, eval_group=6))
+    opts = dataclasses.replace(_options(a, "full"), quick=True)
     a.model = model
     _check(a)
     rep = compare(model, parse_menu(None, "default"), out, opts)
