@@ -20,7 +20,6 @@ from typing import Any
 from torch import nn
 
 from lowbit.compare.configs import Config
-from lowbit.core.errors import LowbitError
 from lowbit.core.scheme import QuantScheme
 from lowbit.jobs.quantization import quantize_loaded
 from lowbit.models.loader import LoadedModel, model_size_bytes
@@ -100,10 +99,8 @@ def build_recipe(config: Config, ref: LoadedModel, folder: Path, calib: Calibrat
 
 
 def _allocate(config: Config, ref: LoadedModel, recipe: Recipe, calib: Calibration) -> tuple[Recipe, list[str]]:
-    try:
-        from lowbit.mixed import allocate
-    except ImportError as e:
-        raise LowbitError(f"{config.name}: budgeted configs need lowbit.mixed (per-layer allocation)") from e
+    from lowbit.mixed import allocate
+
     mixed = allocate(ref, config.budget, method=recipe.method, base=recipe, calibration=calib)
     return mixed, [f"per-layer schemes for {config.budget} bits per weight"]
 
@@ -114,10 +111,8 @@ def build_gguf(config: Config, ref: LoadedModel, folder: Path, imatrix: Path | N
     out = folder / "model.gguf"
     t0 = time.perf_counter()
     if config.budget is not None:
-        try:
-            from lowbit.mixed import export_gguf_budget
-        except ImportError as e:
-            raise LowbitError(f"{config.name}: budgeted GGUF needs lowbit.mixed") from e
+        from lowbit.mixed import export_gguf_budget
+
         rep = export_gguf_budget(str(ref.path), out, config.budget, imatrix=imatrix)
     else:
         rep = export_gguf(str(ref.path), out, config.gguf_type, imatrix=imatrix, force=True)

@@ -61,10 +61,15 @@ _MIX = re.compile(r"^mix@(\d+(?:\.\d+)?)$", re.IGNORECASE)
 
 
 def _bpw(name: str, text: str) -> float:
-    """The bits per weight of ``mix@B``, in the range a budget allows (checked before any model loads)."""
+    """The bits per weight of ``mix@B``, checked as :class:`lowbit.mixed.Budget` checks it (before any model
+    loads)."""
+    from lowbit.mixed.budget import Budget
+
     bpw = float(text)
-    if not 1 < bpw <= 32:
-        raise LowbitError(f"config {name!r}: bits per weight must lie in (1, 32], got {bpw}")
+    try:
+        Budget(bpw=bpw)
+    except LowbitError as e:
+        raise LowbitError(f"config {name!r}: {e}") from e
     return bpw
 
 
