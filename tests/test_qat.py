@@ -17,7 +17,7 @@ from lowbit.models.loader import load_model
 from lowbit.pipeline.engine import Engine
 from lowbit.qat import FakeQuantLinear, convert, fake_quant_layers, prepare
 from lowbit.qat.fakequant import FakeQuant, ste_round
-from lowbit.qat.train import TrainConfig, train
+from lowbit.qat.train import TrainConfig, kd_loss, train
 from lowbit.recipe import Recipe
 
 ENGINE = Engine(device="cpu", progress=False)
@@ -107,6 +107,42 @@ def test_compiled_kernels_equal_the_eager_ones() -> None:
     assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3]) and outs[1].dtype == torch.bfloat16
     for a, b in zip(grads[0], grads[2], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_scales_only_from_gptq_keeps_the_codes_moves_the_scales_and_exports_exactly(tmp_path: Path) -> None:
+    """From GPTQ the latent weight sits at each cell's centre, where LSQ's scale gradient round(W/s) - W/s is 0
+    for every weight: scales-only training through the rounding would never move. With the codes frozen
+    (E2E-QP) the scale gradient is sum g * (q - z): the scales move, the codes stay GPTQ's, the loss falls,
+    and the artifact still computes the fake-quant forward bit for bit."""
+    folder = make_tiny_model_dir(tmp_path / "m", "llama")
+    recipe = Recipe(get_scheme("W3A16", group_size=16), GPTQConfig())
+    lm = _prepared(folder, recipe, train_weights=False)
+    teacher = load_model(str(folder)).model
+    layers = fake_quant_layers(lm.model)
+    assert all(m.frozen and not m.weight.requires_grad for m in layers.values())
+    trainable = {n.rsplit(".", 1)[1] for n, p in lm.model.named_parameters() if p.requires_grad}
+    assert trainable == {"weight_scale"}  # symmetric: no zero points; codes fixed
+    before = {n: m.qweight() for n, m in layers.items()}
+    data = _tokens(4, 24)
+
+    def kd() -> float:
+        with torch.no_grad():
+            return float(kd_loss(lm.model(data).logits, teacher(data).logits))
+
+    loss0 = kd()
+    cfg = TrainConfig(steps=20, lr=0.0, scale_lr=3e-4, warmup=0.0, log_every=1000, compile=False)
+    train(lm.model, data, cfg, teacher=teacher, progress=False)
+    after = {n: m.qweight() for n, m in layers.items()}
+    assert all(torch.equal(before[n].codes, after[n].codes) for n in before)
+    moved = sum(int((before[n].scales != after[n].scales).sum()) for n in before)
+    total = sum(before[n].scales.numel() for n in before)
+    assert moved > total // 2  # Adam moves every scale with a non-zero gradient by ~lr per step
+    assert kd() < 0.9 * loss0  # the training windows' KD loss, same batches before and after
+    convert(lm.model, tmp_path / "art", tokenizer=lm.tokenizer)
+    art = load_artifact(tmp_path / "art")
+    ids = _tokens(2, 20, seed=5)
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, art(ids).logits)
 
 
 def test_prepare_starts_at_the_ptq_result_and_only_quantized_layers_train(tmp_path: Path) -> None:

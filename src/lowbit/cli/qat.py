@@ -49,7 +49,8 @@ def register(subs: Any) -> dict[str, Any]:
     t.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
                    help="knowledge distillation from the float model (KL on logits); --no-distill: next-token loss "
                         "(default on)")
-    t.add_argument("--freeze-weights", action="store_true", help="train scales and zero points only")
+    t.add_argument("--freeze-weights", action="store_true",
+                   help="end to end, train scales and zero points only, the codes frozen (after --block-epochs, if any)")
     t.add_argument("--init", choices=["auto", "project", "ptq"], default="auto",
                    help="latent weights: the float weights moved into the PTQ codes' cells (project), the PTQ "
                         "weights (ptq), or auto: project after RTN, ptq after GPTQ/AWQ")

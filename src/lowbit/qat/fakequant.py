@@ -17,6 +17,15 @@ a clipped one; the zero point gets ``-s`` from the clipped weights only (LSQ+, B
 with an integer offset so that the artifact stores it exactly). The latent weight ``W`` gets the
 straight-through gradient inside the grid and none where it is clipped.
 
+With the codes frozen (:meth:`FakeQuantLinear.freeze_codes`; EfficientQAT's E2E-QP, Chen et al. 2024)
+``q`` is a fixed integer tensor and only the step sizes (and zero points) train::
+
+    W_hat = s_g * (q - z_g),   dW_hat/ds = q - z,   dW_hat/dz = -s
+
+This is the only way scales can train from a GPTQ or AWQ result: its latent weight sits at the centre
+of each cell (``W / s = q - z`` exactly), where LSQ's ``round(W/s) - W/s`` is 0 for every weight, so
+scales-only training through the rounding receives no gradient at all.
+
 :meth:`FakeQuantLinear.qweight` returns exactly the codes, scales and zero points the forward pass
 used, so the exported artifact computes the same ``W_hat`` bit for bit (codes are integers, the scale
 a value of the storage dtype, and ``s * (q - z)`` the same float32 product on both sides).
@@ -164,6 +173,21 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("weight_g_idx", torch.empty(0, dtype=torch.int64) if qw.g_idx is None
                              else qw.g_idx.detach().to(torch.int64).clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_buffer("weight_codes", torch.empty(0, dtype=torch.uint8))  # (out, in) once frozen
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the codes are frozen (only scales and zero points train)."""
+        return bool(self.weight_codes.numel())
+
+    @torch.no_grad()
+    def freeze_codes(self) -> None:
+        """Fix the codes at the current forward pass's (:meth:`qweight`); from now on only the scales and zero
+        points train (``W_hat = s (q - z)``), and the latent weight is dropped."""
+        if self.frozen:
+            return
+        self.weight_codes = self.qweight().codes.clone()
+        self.weight = nn.Parameter(torch.empty(0, dtype=torch.float32), requires_grad=False)
 
     @property
     def n_groups(self) -> int:
@@ -187,6 +211,8 @@ class FakeQuantLinear(nn.Module):
         """``W_hat (out, in)`` in ``dtype`` (computed in float32), differentiable in the latent weight, the scales
         and the zero points."""
         s, z = self.quant_params()
+        if self.frozen:  # E2E-QP: fixed codes, plain autograd gives dW_hat/ds = q - z and dW_hat/dz = -s
+            return (self._expand(s) * (self.weight_codes.to(torch.float32) - self._expand(z))).to(dtype)
         if not self.weight_g_idx.numel():  # contiguous groups: (out, G, gs) against (out, G, 1)
             w = self.weight.reshape(self.out_features, self.n_groups, -1)
             return FakeQuant.apply(w, s.unsqueeze(-1), z.unsqueeze(-1), self.scheme.qmax, dtype).reshape(
@@ -205,13 +231,16 @@ class FakeQuantLinear(nn.Module):
     def qweight(self) -> QuantizedWeight:
         """The codes, scales (storage dtype) and zero points of the current forward pass."""
         s, z = self.quant_params()
-        q = torch.clamp(torch.round(self.weight / self._expand(s)) + self._expand(z), 0, self.scheme.qmax)
+        if self.frozen:
+            q = self.weight_codes
+        else:
+            q = torch.clamp(torch.round(self.weight / self._expand(s)) + self._expand(z), 0, self.scheme.qmax)
         g_idx = self.weight_g_idx.to(torch.int32) if self.weight_g_idx.numel() else None
         return QuantizedWeight(q.to(torch.uint8), s.to(self.scale_dtype), z.to(torch.uint8), self.scheme, g_idx)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.label}, "
-                f"train_weight={self.weight.requires_grad}")
+                f"train_weight={self.weight.requires_grad}, frozen_codes={self.frozen}")
 
 
 def project_into_cells(w: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
@@ -228,6 +257,15 @@ def project_into_cells(w: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     hi = torch.where(qw.codes < qw.scheme.qmax, d + margin, torch.full_like(d, torch.inf))
     y = torch.minimum(torch.maximum(x, lo), hi)
     return torch.where(y == x, w.to(torch.float32), y * s)  # weights already inside stay bit-exact
+
+
+def freeze_all_codes(model: nn.Module) -> int:
+    """Freeze the codes of every fake-quant layer of ``model`` (see :meth:`FakeQuantLinear.freeze_codes`); returns
+    how many layers were frozen."""
+    layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    for m in layers:
+        m.freeze_codes()
+    return len(layers)
 
 
 def scheme_of(m: nn.Module) -> QuantScheme | None:

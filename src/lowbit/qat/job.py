@@ -38,6 +38,7 @@ from lowbit.pipeline.engine import Engine
 from lowbit.qat.blocks import BlockConfig, train_blocks
 from lowbit.qat.convert import convert, qweights
 from lowbit.qat.data import check_disjoint, overlap
+from lowbit.qat.fakequant import freeze_all_codes
 from lowbit.qat.prepare import INITS, check_recipe, prepare, qat_state
 from lowbit.qat.train import TrainConfig, train
 from lowbit.recipe.schema import Recipe
@@ -60,7 +61,7 @@ class QATConfig:
     corpus: str | None = None
     samples: int = 512
     seq_len: int = 256
-    train_weights: bool = True
+    train_weights: bool = True  # end to end; False: codes frozen after the block phase, scales/zeros train
     init: str = "auto"
     eval_data: str | None = None
     max_overlap: float = 0.01
@@ -150,7 +151,9 @@ def run(model: str | Path | LoadedModel, recipe: Recipe, out: str | Path, config
         c = recipe.calibration
         assert c.length is not None
         cal = calibration_tokens(lm.tokenizer, texts, c.samples, c.length, seed=c.seed)
-    prepare(lm.model, recipe, tokens=cal, train_weights=config.train_weights, init=config.init, engine=engine)
+    # the block-wise phase trains the latent weights; without train_weights the codes freeze after it
+    prepare(lm.model, recipe, tokens=cal, train_weights=config.train_weights or config.blocks.epochs > 0,
+            init=config.init, engine=engine)
     st = qat_state(lm.model)
     dev = torch.device(engine.resolved_device())
     lm.model.to(dev)
@@ -160,6 +163,8 @@ def run(model: str | Path | LoadedModel, recipe: Recipe, out: str | Path, config
     log.info("training text %s vs evaluation text %s: %d of %d %d-grams shared (%.3f%%)", ov.train_corpus,
              ov.eval_corpus, ov.shared, ov.train_ngrams, ov.n, 100 * ov.fraction)
     blk = train_blocks(lm.model, teacher, tokens, config.blocks, progress=progress)
+    if not config.train_weights:
+        freeze_all_codes(lm.model)  # end to end only the scales and zero points train (E2E-QP)
     ckdir = checkpoint_dir(out)
     res = train(lm.model, tokens, config.train, teacher=teacher if config.train.loss == "kd" else None,
                 checkpoint_dir=ckdir if config.train.checkpoint_every or resume else None, resume=resume,
