@@ -41,6 +41,7 @@ from lowbit.models.loader import load_model, model_size_bytes
 from lowbit.pipeline.engine import Engine
 from lowbit.pipeline.quantize import named_linears
 from lowbit.qat import run as qat_run
+from lowbit.qat.blocks import BlockConfig
 from lowbit.qat.job import QATConfig
 from lowbit.qat.train import TrainConfig, kd_loss
 from lowbit.recipe import Calibration, Override, Recipe
@@ -132,6 +133,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--scale-lr", type=float, default=TrainConfig.scale_lr)
     p.add_argument("--zero-lr", type=float, default=TrainConfig.zero_lr)
+    p.add_argument("--block-epochs", type=int, default=0, help="Block-AP passes before the end-to-end phase")
+    p.add_argument("--block-samples", type=int, default=64)
+    p.add_argument("--block-lr", type=float, default=BlockConfig.lr)
+    p.add_argument("--block-scale-lr", type=float, default=BlockConfig.scale_lr)
+    p.add_argument("--freeze-weights", action="store_true", help="end to end: scales/zeros only, codes frozen")
+    p.add_argument("--init", default="auto", choices=["auto", "project", "ptq"])
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=8)
@@ -159,7 +166,9 @@ def bench_model(name: str, a: argparse.Namespace) -> dict[str, Any]:
     work = Path(a.work) / name
     engine = Engine(device="cpu", progress=True)
     cfg = QATConfig(TrainConfig(steps=a.steps, lr=a.lr, scale_lr=a.scale_lr, zero_lr=a.zero_lr, log_every=25),
-                    samples=a.samples, seq_len=a.seq_len)
+                    BlockConfig(epochs=a.block_epochs, samples=a.block_samples, lr=a.block_lr,
+                                scale_lr=a.block_scale_lr),
+                    samples=a.samples, seq_len=a.seq_len, train_weights=not a.freeze_weights, init=a.init)
     rows: dict[str, Any] = {}
     res: dict[str, Any] = {"scheme": scheme.label, "rows": rows}
     for row in a.rows:

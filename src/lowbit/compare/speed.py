@@ -137,10 +137,11 @@ def measure_gguf(path: str, threads: int, n_prompt: int, n_gen: int, reps: int) 
     from lowbit.eval.llamacpp import open_llama, speed
 
     t0 = time.perf_counter()
-    llm = open_llama(path, n_prompt + n_gen + 8, logits_all=False, threads=threads)
+    llm = open_llama(path, n_prompt + n_gen + 8, logits_all=False, threads=threads, flash_attn=True)
     load_s = time.perf_counter() - t0
     s = speed(llm, n_prompt=n_prompt, n_gen=n_gen, reps=reps)
-    return SpeedResult("llama.cpp (llama-cpp-python)", "llama.cpp CPU kernels for the file's types", False, "cpu",
+    return SpeedResult("llama.cpp (llama-cpp-python)", "llama.cpp CPU kernels for the file's types, flash attention",
+                       False, "cpu",
                        s.threads, load_s, s.prefill_tps, s.decode_tps, _rss_peak(), s.n_prompt, s.n_gen, reps)
 
 
