@@ -6,7 +6,8 @@
 For each type: the GGUF is written once (``lowbit gguf``), then, alternating, ``llama-bench -p 512 -n 128``
 and lowbit's measurement (:func:`lowbit.compare.speed.run_speed`, a fresh process on llama-cpp-python) run
 ``--rounds`` times each; the table gives both medians and their ratio. Both sides decode at the same depth
-(after a 512-token prompt) and use llama.cpp's flash attention (llama-bench's default "auto" turns it on). llama-bench's binary is built from
+(after a 512-token prompt) and use llama.cpp's flash attention (llama-bench's default "auto" turns it on).
+llama-bench's binary is built from
 the llama.cpp source llama-cpp-python vendors (bench/README.md), so both run the same ggml.
 """
 

@@ -148,3 +148,29 @@ def test_llamacpp_and_transformers_agree_on_smollm2(tmp_path, monkeypatch, capsy
     assert abs(cpp["ppl"] / ref["ppl"] - 1) < 0.02
     assert cpp["kld_mean"] < 0.02 and cpp["top1"] > 0.9
     assert cpp["speed"]["prefill_tps"] > 0 and cpp["speed"]["decode_tps"] > 0
+
+
+def test_speed_runs_use_flash_attention_and_evaluation_does_not(tmp_path, monkeypatch):
+    """llama-bench's default (``-fa auto``) runs llama.cpp's fused attention on the CPU: lowbit's speed
+    figures open the model the same way (without it, pp512 was 0.73-0.86x llama-bench's); evaluation keeps
+    the unfused path (the logits llama.cpp's reference tools give with their plain settings)."""
+    import lowbit.compare.speed as cs
+    import lowbit.eval.llamacpp as lc
+
+    opened: list[dict] = []
+
+    class _Llama:
+        def __init__(self, path, **kw):
+            opened.append(kw)
+
+    monkeypatch.setattr(lc, "_llama_cpp", lambda: SimpleNamespace(Llama=_Llama))
+    monkeypatch.setattr(lc, "speed", lambda llm, **kw: lc.Speed(1.0, 1.0, 8, 8, 2))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    lc.open_llama(f, 64, logits_all=False, check=False, flash_attn=True)
+    lc.open_llama(f, 64, logits_all=True, check=False)
+    assert opened[0].get("flash_attn") is True and "flash_attn" not in opened[1]
+    monkeypatch.setattr(lc, "check_gguf", lambda p: None)
+    opened.clear()
+    cs.measure_gguf(str(f), 2, 8, 8, 1)
+    assert opened and opened[0].get("flash_attn") is True  # what lowbit compare's GGUF rows measure

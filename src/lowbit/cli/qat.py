@@ -50,7 +50,8 @@ def register(subs: Any) -> dict[str, Any]:
                    help="knowledge distillation from the float model (KL on logits); --no-distill: next-token loss "
                         "(default on)")
     t.add_argument("--freeze-weights", action="store_true",
-                   help="end to end, train scales and zero points only, the codes frozen (after --block-epochs, if any)")
+                   help="end to end, train scales and zero points only, the codes frozen (after --block-epochs, "
+                        "if any)")
     t.add_argument("--init", choices=["auto", "project", "ptq"], default="auto",
                    help="latent weights: the float weights moved into the PTQ codes' cells (project), the PTQ "
                         "weights (ptq), or auto: project after RTN, ptq after GPTQ/AWQ")
