@@ -141,8 +141,8 @@ def measure_gguf(path: str, threads: int, n_prompt: int, n_gen: int, reps: int) 
     load_s = time.perf_counter() - t0
     s = speed(llm, n_prompt=n_prompt, n_gen=n_gen, reps=reps)
     return SpeedResult("llama.cpp (llama-cpp-python)", "llama.cpp CPU kernels for the file's types, flash attention",
-                       False, "cpu",
-                       s.threads, load_s, s.prefill_tps, s.decode_tps, _rss_peak(), s.n_prompt, s.n_gen, reps)
+                       False, "cpu", s.threads, load_s, s.prefill_tps, s.decode_tps, _rss_peak(), s.n_prompt,
+                       s.n_gen, reps)
 
 
 def run_speed(path: str | Path, family: str, *, device: str = "cpu", threads: int | None = None,

@@ -212,7 +212,11 @@ class FakeQuantLinear(nn.Module):
         and the zero points."""
         s, z = self.quant_params()
         if self.frozen:  # E2E-QP: fixed codes, plain autograd gives dW_hat/ds = q - z and dW_hat/dz = -s
-            return (self._expand(s) * (self.weight_codes.to(torch.float32) - self._expand(z))).to(dtype)
+            q = self.weight_codes.to(torch.float32)
+            if self.weight_g_idx.numel():
+                return (self._expand(s) * (q - self._expand(z))).to(dtype)
+            q = q.reshape(self.out_features, self.n_groups, -1)  # (out, G, gs) against (out, G, 1), as below
+            return (s.unsqueeze(-1) * (q - z.unsqueeze(-1))).reshape(self.out_features, self.in_features).to(dtype)
         if not self.weight_g_idx.numel():  # contiguous groups: (out, G, gs) against (out, G, 1)
             w = self.weight.reshape(self.out_features, self.n_groups, -1)
             return FakeQuant.apply(w, s.unsqueeze(-1), z.unsqueeze(-1), self.scheme.qmax, dtype).reshape(
